@@ -427,17 +427,16 @@ impl Selector {
     }
 
     /// Precedence order: the first selector in this order that matches a
-    /// lookup is the one the data plane picks. Longer prefixes first; at
-    /// equal length a specific port before port 0; the rest only makes the
-    /// order total and pleasant to read.
+    /// lookup is the one the data plane picks. IPv4 before IPv6 (they never
+    /// compete); then longer prefixes first; at equal length a specific port
+    /// before port 0; the rest only makes the order total.
     pub fn precedence(&self, other: &Self) -> Ordering {
-        other
-            .prefix
-            .len()
-            .cmp(&self.prefix.len())
+        self.prefix
+            .family()
+            .cmp(&other.prefix.family())
+            .then_with(|| other.prefix.len().cmp(&self.prefix.len()))
             .then_with(|| (self.port == 0).cmp(&(other.port == 0)))
             .then_with(|| self.protocol.cmp(&other.protocol))
-            .then_with(|| self.prefix.family().cmp(&other.prefix.family()))
             .then_with(|| self.prefix.addr().cmp(&other.prefix.addr()))
             .then_with(|| self.port.cmp(&other.port))
     }

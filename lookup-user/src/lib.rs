@@ -3,3 +3,4 @@
 //! its control protocol, and the CLI commands.
 
 pub mod binding;
+pub mod proto;
