@@ -1,0 +1,242 @@
+//! `lookupd`: owns the dispatcher of one network namespace and serves the
+//! control socket.
+
+use std::{
+    io,
+    os::{
+        fd::{AsFd, OwnedFd},
+        unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    },
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use tokio::{
+    io::{AsyncWriteExt as _, Interest},
+    net::{UnixListener, UnixStream},
+    signal::unix::{SignalKind, signal},
+};
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    dispatcher::{self, Dispatcher},
+    error_chain,
+    proto::{self, Request, Response},
+};
+
+/// How the agent is set up.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The network namespace to serve.
+    pub netns: PathBuf,
+    /// Where bpffs is mounted.
+    pub bpffs: PathBuf,
+    /// Path of the control socket.
+    pub control: PathBuf,
+}
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Opening or creating the dispatcher failed.
+    #[error(transparent)]
+    Dispatcher(#[from] dispatcher::Error),
+    /// Another agent answers on the control socket.
+    #[error("another lookupd is already listening on {0}")]
+    ControlInUse(PathBuf),
+    /// The control socket could not be set up.
+    #[error("cannot listen on control socket {path}")]
+    Control {
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers")]
+    Signals(#[source] io::Error),
+}
+
+type Shared = Arc<Mutex<Dispatcher>>;
+
+/// Runs the agent until SIGTERM or SIGINT. Steering stays in place after it
+/// returns: everything the data plane needs is pinned.
+pub async fn run(config: Config) -> Result<(), Error> {
+    let dispatcher = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || Dispatcher::open_or_create(&config.netns, &config.bpffs))
+            .await
+            .expect("dispatcher setup panicked")?
+    };
+    let state_dir = dispatcher.location().dir.clone();
+    let shared: Shared = Arc::new(Mutex::new(dispatcher));
+
+    let listener = listen(&config.control).await?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
+    info!(control = %config.control.display(), state = %state_dir.display(), "lookupd ready");
+    notify_ready(&format!("serving {}", state_dir.display()));
+
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let shared = Arc::clone(&shared);
+                    tokio::spawn(async move {
+                        match serve(stream, shared).await {
+                            Ok(()) | Err(proto::FrameError::Closed) => {}
+                            Err(e) => debug!(error = %e, "control connection failed"),
+                        }
+                    });
+                }
+                Err(e) => warn!(error = %e, "accept on control socket failed"),
+            },
+            _ = sigterm.recv() => { info!("SIGTERM: stopping, steering stays in place"); break; }
+            _ = sigint.recv() => { info!("SIGINT: stopping, steering stays in place"); break; }
+        }
+    }
+    notify("STOPPING=1");
+    let _ = std::fs::remove_file(&config.control);
+    Ok(())
+}
+
+async fn listen(path: &Path) -> Result<UnixListener, Error> {
+    let control_err = |source| Error::Control {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .map_err(control_err)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(Error::ControlInUse(path.to_owned()));
+        }
+        // A socket file left behind by an agent that was killed.
+        std::fs::remove_file(path).map_err(control_err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(control_err)?;
+    // Root only by default: whoever can talk to the agent can steer traffic.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(control_err)?;
+    Ok(listener)
+}
+
+async fn serve(mut stream: UnixStream, shared: Shared) -> Result<(), proto::FrameError> {
+    let mut buf = Vec::new();
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    loop {
+        let frame = loop {
+            if let Some(frame) = proto::take_frame(&mut buf)? {
+                break frame;
+            }
+            let n = stream
+                .async_io(Interest::READABLE, || {
+                    proto::recv_with_fds(stream.as_fd(), &mut buf, &mut fds)
+                })
+                .await?;
+            if n == 0 {
+                return Err(proto::FrameError::Closed);
+            }
+        };
+        // Descriptors travel with the frame that carries them.
+        let frame_fds = std::mem::take(&mut fds);
+        let response = match serde_json::from_slice::<Request>(&frame) {
+            Ok(request) => {
+                let shared = Arc::clone(&shared);
+                tokio::task::spawn_blocking(move || handle(&shared, request, frame_fds))
+                    .await
+                    .unwrap_or_else(|e| {
+                        error!(error = %e, "request handler panicked");
+                        Response::Error {
+                            message: "internal error: the request handler panicked".into(),
+                        }
+                    })
+            }
+            Err(e) => Response::Error {
+                message: format!("malformed request: {e}"),
+            },
+        };
+        stream.write_all(&proto::encode(&response)?).await?;
+    }
+}
+
+/// Applies one request. Every refusal leaves the state as it was.
+pub fn handle(shared: &Mutex<Dispatcher>, request: Request, fds: Vec<OwnedFd>) -> Response {
+    let mut d = shared.lock().unwrap_or_else(|p| p.into_inner());
+    let fail = |e: dispatcher::Error| {
+        warn!(error = %error_chain(&e), "request refused");
+        Response::Error {
+            message: error_chain(&e),
+        }
+    };
+    let done = |messages: Vec<String>| {
+        for m in &messages {
+            info!("{m}");
+        }
+        Response::Done { messages }
+    };
+    match request {
+        Request::Bind { binding } => d.bind(&binding).map(|m| done(vec![m])).unwrap_or_else(fail),
+        Request::Unbind { binding } => d.unbind(&binding).map(|m| done(vec![m])).unwrap_or_else(fail),
+        Request::Bindings => Response::Bindings {
+            bindings: d.bindings(),
+        },
+        Request::Register { label, names } => {
+            let sockets = fds
+                .into_iter()
+                .enumerate()
+                .map(|(i, fd)| {
+                    let name = names.get(i).cloned().unwrap_or_else(|| format!("socket #{}", i + 1));
+                    (fd, name)
+                })
+                .collect();
+            d.register(&label, sockets).map(done).unwrap_or_else(fail)
+        }
+        Request::Unregister {
+            label,
+            family,
+            protocol,
+        } => d
+            .unregister(&label, family, protocol)
+            .map(|m| done(vec![m]))
+            .unwrap_or_else(fail),
+        Request::Status { label } => d.status(label.as_ref()).map(Response::Status).unwrap_or_else(fail),
+    }
+}
+
+/// Sends a state line to systemd's `NOTIFY_SOCKET`, if there is one.
+pub fn notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    if let Err(e) = send_notify(&path, state) {
+        warn!(error = %e, "sd_notify failed");
+    }
+}
+
+fn send_notify(path: &std::ffi::OsStr, state: &str) -> io::Result<()> {
+    use std::os::unix::{
+        ffi::OsStrExt as _,
+        net::{SocketAddr, UnixDatagram},
+    };
+    let sock = UnixDatagram::unbound()?;
+    let bytes = path.as_bytes();
+    let addr = match bytes.first() {
+        Some(b'@') => {
+            use std::os::linux::net::SocketAddrExt as _;
+            SocketAddr::from_abstract_name(&bytes[1..])?
+        }
+        _ => SocketAddr::from_pathname(path)?,
+    };
+    sock.send_to_addr(state.as_bytes(), &addr)?;
+    Ok(())
+}
+
+fn notify_ready(status: &str) {
+    notify(&format!("READY=1\nSTATUS={status}\nMAINPID={}", std::process::id()));
+}

@@ -1,0 +1,940 @@
+//! The pinned BPF state of one network namespace and every change to it.
+//!
+//! Layout under `<bpffs>/lookup/<netns inode>/`: `program`, `link` and one
+//! pin per map (named as in [`lookup_common::map_names`]). A new state is
+//! built in a temporary directory next to it and renamed into place, so a
+//! crash leaves either nothing or a complete state. The pinned maps are the
+//! only source of truth: the agent's in-memory index is rebuilt from them
+//! when it starts.
+
+use std::{
+    collections::HashMap as StdHashMap,
+    fs::{self, File},
+    io,
+    os::{
+        fd::{AsFd, OwnedFd},
+        unix::fs::{DirBuilderExt as _, MetadataExt as _},
+    },
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie},
+    programs::{ProgramError, SkLookup, links::FdLink},
+    util::nr_cpus,
+};
+use lookup_common::{
+    BindingKey, BindingValue, DestinationMetrics, DestinationRecord, LAYOUT_VERSION, MAGIC,
+    MAX_DESTINATIONS, MAX_LABEL_LEN, Meta, PROGRAM_NAME, map_names,
+};
+use nix::fcntl::{Flock, FlockArg};
+use tracing::{debug, info, warn};
+
+use crate::{
+    binding::{Binding, Family, Label, Protocol, Selector},
+    proto::{DestinationStatus, Metrics, Status},
+    socket::{self, SocketInfo},
+    sys,
+};
+
+/// The dispatcher object, built by `lookup-user/build.rs`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lookup"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const PROGRAM_PIN: &str = "program";
+const LINK_PIN: &str = "link";
+/// `BPF_SK_LOOKUP` attach type.
+const BPF_SK_LOOKUP: u32 = 36;
+
+/// Errors of the dispatcher. Messages name the input and, where there is
+/// one, the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `--bpffs` is not a mounted bpffs.
+    #[error("{0} is not a bpf filesystem: mount one with `mount -t bpf bpf {0}`")]
+    NotBpffs(PathBuf),
+    /// The network namespace file cannot be used.
+    #[error("cannot open network namespace {path}")]
+    Netns {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// This build has no dispatcher object.
+    #[error("this build carries no eBPF object: run `cargo xtask setup` and rebuild")]
+    NoObject,
+    /// Another agent holds the state.
+    #[error("another lookupd already manages {0}")]
+    Locked(PathBuf),
+    /// The pinned state is not ours or of another layout.
+    #[error("pinned state at {path} is incompatible: {reason}; remove it with `rm -r {path}` (steering in that namespace stops) and start again")]
+    Incompatible {
+        /// The state directory.
+        path: PathBuf,
+        /// What does not match.
+        reason: String,
+    },
+    /// A filesystem or bpf call failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+    /// aya failed to load or attach the program.
+    #[error("{what}")]
+    Program {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: ProgramError,
+    },
+    /// aya failed on a map.
+    #[error("{what}")]
+    Map {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: MapError,
+    },
+    /// aya failed to load the object.
+    #[error("loading the eBPF object failed")]
+    Load(#[source] Box<aya::EbpfError>),
+    /// `unbind` of something not bound.
+    #[error("no binding {0}")]
+    NoSuchBinding(Selector),
+    /// `unbind` naming the wrong label.
+    #[error("binding {selector} belongs to label {actual:?}, not {given:?}")]
+    LabelMismatch {
+        /// The selector.
+        selector: Selector,
+        /// Its label.
+        actual: String,
+        /// The label given.
+        given: String,
+    },
+    /// A binding table is full.
+    #[error("cannot add {0}: the binding table is full")]
+    TableFull(Selector),
+    /// No free destination id.
+    #[error("cannot add destination {label} {family} {protocol}: all {MAX_DESTINATIONS} destinations are in use")]
+    DestinationsFull {
+        /// Label.
+        label: Label,
+        /// Family.
+        family: Family,
+        /// Protocol.
+        protocol: Protocol,
+    },
+    /// A socket offered for registration is not acceptable.
+    #[error("{name}: {source}")]
+    BadSocket {
+        /// Which socket.
+        name: String,
+        /// Why.
+        #[source]
+        source: socket::SocketError,
+    },
+    /// A socket lives in another network namespace.
+    #[error("{name}: socket {addr} is in another network namespace than the one lookupd serves")]
+    ForeignNetns {
+        /// Which socket.
+        name: String,
+        /// Its address.
+        addr: std::net::SocketAddr,
+    },
+    /// Two different sockets for one destination.
+    #[error("{first} and {second} are both {family} {protocol} sockets for label {label:?} but not one SO_REUSEPORT group: register one socket per label, family and protocol")]
+    DuplicateSockets {
+        /// Label.
+        label: Label,
+        /// Family.
+        family: Family,
+        /// Protocol.
+        protocol: Protocol,
+        /// First socket.
+        first: String,
+        /// Second socket.
+        second: String,
+    },
+    /// `register` without sockets.
+    #[error("no sockets to register")]
+    NoSockets,
+    /// `unregister` of a destination without a socket.
+    #[error("label {label:?} has no registered {family} {protocol} socket")]
+    NotRegistered {
+        /// Label.
+        label: Label,
+        /// Family.
+        family: Family,
+        /// Protocol.
+        protocol: Protocol,
+    },
+}
+
+type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+fn map_err(what: impl Into<String>) -> impl FnOnce(MapError) -> Error {
+    let what = what.into();
+    move |source| Error::Map { what, source }
+}
+
+fn prog_err(what: impl Into<String>) -> impl FnOnce(ProgramError) -> Error {
+    let what = what.into();
+    move |source| Error::Program { what, source }
+}
+
+/// A destination: a label in one family and protocol.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Destination {
+    /// Label.
+    pub label: Label,
+    /// Family.
+    pub family: Family,
+    /// Protocol.
+    pub protocol: Protocol,
+}
+
+impl Destination {
+    fn record(&self) -> DestinationRecord {
+        let mut label = [0u8; MAX_LABEL_LEN + 1];
+        let bytes = self.label.as_str().as_bytes();
+        label[..bytes.len()].copy_from_slice(bytes);
+        DestinationRecord {
+            in_use: 1,
+            family: self.family.number(),
+            protocol: self.protocol.number(),
+            label_len: bytes.len() as u8,
+            label,
+        }
+    }
+
+    fn from_record(r: &DestinationRecord) -> Option<Self> {
+        if r.in_use != 1 {
+            return None;
+        }
+        let label = std::str::from_utf8(&r.label[..usize::from(r.label_len)]).ok()?;
+        Some(Self {
+            label: label.parse().ok()?,
+            family: Family::from_number(r.family)?,
+            protocol: Protocol::from_number(r.protocol)?,
+        })
+    }
+}
+
+/// Where the state of a network namespace lives.
+#[derive(Clone, Debug)]
+pub struct Location {
+    /// `<bpffs>/lookup/<netns inode>`.
+    pub dir: PathBuf,
+    /// Inode of the network namespace.
+    pub netns_ino: u64,
+}
+
+impl Location {
+    /// Checks `bpffs` and resolves the namespace at `netns`.
+    pub fn resolve(netns: &Path, bpffs: &Path) -> Result<(Self, File)> {
+        let st = nix::sys::statfs::statfs(bpffs).map_err(|e| Error::Io {
+            what: format!("cannot inspect bpffs {}", bpffs.display()),
+            source: e.into(),
+        })?;
+        if st.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+            return Err(Error::NotBpffs(bpffs.to_owned()));
+        }
+        let ns = File::open(netns).map_err(|source| Error::Netns {
+            path: netns.to_owned(),
+            source,
+        })?;
+        let netns_ino = ns.metadata().map_err(io_err("stat netns"))?.ino();
+        Ok((
+            Self {
+                dir: bpffs.join("lookup").join(netns_ino.to_string()),
+                netns_ino,
+            },
+            ns,
+        ))
+    }
+}
+
+/// The state of one network namespace, opened for writing by one agent.
+pub struct Dispatcher {
+    location: Location,
+    // Held for the agent's lifetime: one writer per namespace.
+    _lock: Flock<File>,
+    hosts: HashMap<MapData, BindingKey, BindingValue>,
+    prefixes: LpmTrie<MapData, BindingKey, BindingValue>,
+    sockets: MapData,
+    metrics: PerCpuArray<MapData, DestinationMetrics>,
+    records: Array<MapData, DestinationRecord>,
+    bindings: StdHashMap<Selector, u32>,
+    destinations: Vec<Option<Destination>>,
+    by_destination: StdHashMap<Destination, u32>,
+    refcount: Vec<u32>,
+}
+
+fn lock(file: File, path: &Path, arg: nix::fcntl::FlockArg) -> Result<Flock<File>> {
+    Flock::lock(file, arg).map_err(|(_, e)| {
+        if e == nix::errno::Errno::EWOULDBLOCK {
+            Error::Locked(path.to_owned())
+        } else {
+            Error::Io {
+                what: format!("cannot lock {}", path.display()),
+                source: e.into(),
+            }
+        }
+    })
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
+    ebpf.take_map(name).ok_or_else(|| Error::Io {
+        what: format!("eBPF object has no map {name}"),
+        source: io::ErrorKind::NotFound.into(),
+    })
+}
+
+fn open_map(dir: &Path, name: &str) -> Result<Map> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).map_err(map_err(format!("cannot open {}", path.display())))?;
+    Map::from_map_data(data).map_err(map_err(format!("cannot use {}", path.display())))
+}
+
+struct Maps {
+    hosts: HashMap<MapData, BindingKey, BindingValue>,
+    prefixes: LpmTrie<MapData, BindingKey, BindingValue>,
+    sockets: MapData,
+    metrics: PerCpuArray<MapData, DestinationMetrics>,
+    records: Array<MapData, DestinationRecord>,
+    meta: Array<MapData, Meta>,
+}
+
+impl Maps {
+    fn from(mut get: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
+        let conv = |name: &str| map_err(format!("map {name} has an unexpected type or size"));
+        let sockets = match get(map_names::SOCKETS)? {
+            Map::SockMap(data) => data,
+            _ => {
+                return Err(Error::Io {
+                    what: format!("map {} is not a sockmap", map_names::SOCKETS),
+                    source: io::ErrorKind::InvalidData.into(),
+                });
+            }
+        };
+        Ok(Self {
+            hosts: get(map_names::HOSTS)?
+                .try_into()
+                .map_err(conv(map_names::HOSTS))?,
+            prefixes: get(map_names::PREFIXES)?
+                .try_into()
+                .map_err(conv(map_names::PREFIXES))?,
+            sockets,
+            metrics: get(map_names::METRICS)?
+                .try_into()
+                .map_err(conv(map_names::METRICS))?,
+            records: get(map_names::DESTINATIONS)?
+                .try_into()
+                .map_err(conv(map_names::DESTINATIONS))?,
+            meta: get(map_names::META)?
+                .try_into()
+                .map_err(conv(map_names::META))?,
+        })
+    }
+}
+
+fn expected_meta() -> Meta {
+    Meta {
+        magic: MAGIC,
+        layout_version: LAYOUT_VERSION,
+        _pad: 0,
+    }
+}
+
+impl Dispatcher {
+    /// Opens the state of the namespace at `netns` under `bpffs`, creating
+    /// and attaching it if there is none. An existing state is verified and
+    /// reused as it is; if its program differs from this build's, the link
+    /// is switched to this build's program in place, keeping every map.
+    pub fn open_or_create(netns: &Path, bpffs: &Path) -> Result<Self> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(Error::NoObject);
+        }
+        let (location, ns) = Location::resolve(netns, bpffs)?;
+        let base = location.dir.parent().expect("state dir has a parent").to_owned();
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(&base)
+            .map_err(io_err(format!("cannot create {}", base.display())))?;
+        // Creation is serialised on the base directory; each state directory
+        // then carries its agent's lock.
+        let base_lock = File::open(&base).map_err(io_err(format!("cannot open {}", base.display())))?;
+        let base_lock = lock(base_lock, &base, FlockArg::LockExclusive)?;
+        if !location.dir.exists() {
+            Self::create(&location, &base, &ns)?;
+        }
+        let dir_file = File::open(&location.dir)
+            .map_err(io_err(format!("cannot open {}", location.dir.display())))?;
+        let lock = lock(dir_file, &location.dir, FlockArg::LockExclusiveNonblock)?;
+        drop(base_lock);
+        Self::open(location, lock)
+    }
+
+    fn create(location: &Location, base: &Path, ns: &File) -> Result<()> {
+        let tmp = base.join(format!("tmp-{}-{}", location.netns_ino, std::process::id()));
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(io_err(format!("cannot remove {}", tmp.display())))?;
+        }
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .map_err(io_err(format!("cannot create {}", tmp.display())))?;
+        let built = Self::build(&tmp, ns).and_then(|()| {
+            fs::rename(&tmp, &location.dir).map_err(io_err(format!(
+                "cannot move {} to {}",
+                tmp.display(),
+                location.dir.display()
+            )))
+        });
+        if built.is_err() {
+            // Unpinning the link detaches the half-built dispatcher.
+            let _ = fs::remove_dir_all(&tmp);
+        }
+        built?;
+        info!(dir = %location.dir.display(), "created and attached dispatcher");
+        Ok(())
+    }
+
+    fn build(dir: &Path, ns: &File) -> Result<()> {
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(dir)
+            .load(EBPF_OBJECT)
+            .map_err(|e| Error::Load(Box::new(e)))?;
+        let mut maps = Maps::from(|name| take_map(&mut ebpf, name))?;
+        maps.meta
+            .set(0, expected_meta(), 0)
+            .map_err(map_err("cannot write the state's metadata"))?;
+        let prog: &mut SkLookup = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| Error::Io {
+                what: format!("eBPF object has no program {PROGRAM_NAME}"),
+                source: io::ErrorKind::NotFound.into(),
+            })?
+            .try_into()
+            .map_err(prog_err("dispatcher program is not sk_lookup"))?;
+        prog.load().map_err(prog_err("the verifier rejected the dispatcher"))?;
+        prog.pin(dir.join(PROGRAM_PIN)).map_err(|e| Error::Io {
+            what: "cannot pin the program".into(),
+            source: io::Error::other(e),
+        })?;
+        let link_id = prog
+            .attach(ns.as_fd())
+            .map_err(prog_err("cannot attach the dispatcher to the network namespace"))?;
+        let link: FdLink = prog
+            .take_link(link_id)
+            .map_err(prog_err("cannot take the link"))?
+            .into();
+        link.pin(dir.join(LINK_PIN)).map_err(|e| Error::Io {
+            what: "cannot pin the link".into(),
+            source: io::Error::other(e),
+        })?;
+        Ok(())
+    }
+
+    fn open(location: Location, lock: Flock<File>) -> Result<Self> {
+        let dir = location.dir.clone();
+        let incompatible = |reason: String| Error::Incompatible {
+            path: dir.clone(),
+            reason,
+        };
+        // Check the metadata before anything trusts the other maps' layout.
+        let meta_map: Array<MapData, Meta> = open_map(&dir, map_names::META)?
+            .try_into()
+            .map_err(|e| incompatible(format!("{} has another layout ({e})", map_names::META)))?;
+        let meta = meta_map
+            .get(&0, 0)
+            .map_err(map_err("cannot read the state's metadata"))?;
+        if meta.magic != MAGIC {
+            return Err(incompatible("it was not created by lookupd".into()));
+        }
+        if meta.layout_version != LAYOUT_VERSION {
+            return Err(incompatible(format!(
+                "its map layout is version {}, this lookupd uses {LAYOUT_VERSION}",
+                meta.layout_version
+            )));
+        }
+        let maps = Maps::from(|name| open_map(&dir, name))?;
+
+        let link_fd = sys::obj_get(&dir.join(LINK_PIN)).map_err(io_err("cannot open the pinned link"))?;
+        let link = sys::netns_link_info(link_fd.as_fd()).map_err(io_err("cannot inspect the pinned link"))?;
+        if link.attach_type != BPF_SK_LOOKUP {
+            return Err(incompatible("the pinned link is not an sk_lookup link".into()));
+        }
+        if u64::from(link.netns_ino) != location.netns_ino {
+            return Err(incompatible(format!(
+                "its link is attached to network namespace {}, not {} (a namespace that no longer exists reads 0)",
+                link.netns_ino, location.netns_ino
+            )));
+        }
+        let pinned = SkLookup::from_pin(dir.join(PROGRAM_PIN)).map_err(prog_err("cannot open the pinned program"))?;
+        let pinned_info = pinned.info().map_err(prog_err("cannot inspect the pinned program"))?;
+        if pinned_info.id() != link.prog_id {
+            return Err(incompatible(format!(
+                "the link runs program {} but the pinned program is {}",
+                link.prog_id,
+                pinned_info.id()
+            )));
+        }
+        Self::upgrade_if_needed(&dir, &link_fd, &pinned, pinned_info.tag())?;
+
+        let mut d = Self {
+            location,
+            _lock: lock,
+            hosts: maps.hosts,
+            prefixes: maps.prefixes,
+            sockets: maps.sockets,
+            metrics: maps.metrics,
+            records: maps.records,
+            bindings: StdHashMap::new(),
+            destinations: vec![None; MAX_DESTINATIONS as usize],
+            by_destination: StdHashMap::new(),
+            refcount: vec![0; MAX_DESTINATIONS as usize],
+        };
+        d.reload()?;
+        info!(
+            dir = %d.location.dir.display(),
+            bindings = d.bindings.len(),
+            destinations = d.by_destination.len(),
+            "opened dispatcher"
+        );
+        Ok(d)
+    }
+
+    /// Loads this build's program against the pinned maps; if its tag differs
+    /// from the running one, swaps it into the link atomically.
+    fn upgrade_if_needed(dir: &Path, link: &OwnedFd, pinned: &SkLookup, pinned_tag: u64) -> Result<()> {
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(dir)
+            .load(EBPF_OBJECT)
+            .map_err(|e| Error::Load(Box::new(e)))?;
+        let prog: &mut SkLookup = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| Error::Io {
+                what: format!("eBPF object has no program {PROGRAM_NAME}"),
+                source: io::ErrorKind::NotFound.into(),
+            })?
+            .try_into()
+            .map_err(prog_err("dispatcher program is not sk_lookup"))?;
+        prog.load().map_err(prog_err("the verifier rejected the dispatcher"))?;
+        let new_tag = prog.info().map_err(prog_err("cannot inspect the new program"))?.tag();
+        if new_tag == pinned_tag {
+            return Ok(());
+        }
+        let staged = dir.join("program-new");
+        let _ = fs::remove_file(&staged);
+        prog.pin(&staged).map_err(|e| Error::Io {
+            what: "cannot pin the new program".into(),
+            source: io::Error::other(e),
+        })?;
+        let new_fd = prog.fd().map_err(prog_err("new program has no fd"))?;
+        let old_fd = pinned.fd().map_err(prog_err("pinned program has no fd"))?;
+        if let Err(e) = sys::link_update(link.as_fd(), new_fd.as_fd(), old_fd.as_fd()) {
+            let _ = fs::remove_file(&staged);
+            return Err(Error::Io {
+                what: "cannot switch the link to the new program".into(),
+                source: e,
+            });
+        }
+        fs::rename(&staged, dir.join(PROGRAM_PIN)).map_err(io_err("cannot re-pin the program"))?;
+        info!(old_tag = format!("{pinned_tag:016x}"), new_tag = format!("{new_tag:016x}"), "upgraded dispatcher program in place");
+        Ok(())
+    }
+
+    /// Rebuilds the in-memory index from the pinned maps.
+    fn reload(&mut self) -> Result<()> {
+        for id in 0..MAX_DESTINATIONS {
+            let record = self
+                .records
+                .get(&id, 0)
+                .map_err(map_err("cannot read destinations"))?;
+            if let Some(dest) = Destination::from_record(&record) {
+                self.by_destination.insert(dest.clone(), id);
+                self.destinations[id as usize] = Some(dest);
+            }
+        }
+        let mut found = Vec::new();
+        for entry in self.hosts.iter() {
+            let (key, value) = entry.map_err(map_err("cannot read host bindings"))?;
+            found.push((key, value));
+        }
+        for entry in self.prefixes.iter() {
+            let (key, value) = entry.map_err(map_err("cannot read prefix bindings"))?;
+            found.push((key.data(), value));
+        }
+        for (key, value) in found {
+            let Some(selector) = u8::try_from(value.prefix_len)
+                .ok()
+                .and_then(|len| Selector::from_key(&key, len))
+            else {
+                warn!(?key, ?value, "ignoring a malformed binding in the pinned maps");
+                continue;
+            };
+            if self.destination(value.destination).is_none() {
+                warn!(%selector, id = value.destination, "binding points at an unknown destination");
+            }
+            self.bindings.insert(selector, value.destination);
+            if let Some(rc) = self.refcount.get_mut(value.destination as usize) {
+                *rc += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the state lives.
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    fn destination(&self, id: u32) -> Option<&Destination> {
+        self.destinations.get(id as usize).and_then(Option::as_ref)
+    }
+
+    fn socket_cookie(&self, id: u32) -> Result<Option<u64>> {
+        sys::sockmap_lookup(self.sockets.fd().as_fd(), id).map_err(io_err("cannot read the sockmap"))
+    }
+
+    /// The id of `dest`, allocating (and zeroing the counters of) a free one.
+    /// Returns whether it was newly allocated.
+    fn ensure_destination(&mut self, dest: &Destination) -> Result<(u32, bool)> {
+        if let Some(&id) = self.by_destination.get(dest) {
+            return Ok((id, false));
+        }
+        let mut free = None;
+        for id in 0..MAX_DESTINATIONS {
+            match &self.destinations[id as usize] {
+                None => {
+                    free = Some(id);
+                    break;
+                }
+                // A destination whose service went away and that no binding
+                // uses any more is free for reuse.
+                Some(_) if self.refcount[id as usize] == 0 && self.socket_cookie(id)?.is_none() => {
+                    free = Some(id);
+                    break;
+                }
+                Some(_) => {}
+            }
+        }
+        let id = free.ok_or_else(|| Error::DestinationsFull {
+            label: dest.label.clone(),
+            family: dest.family,
+            protocol: dest.protocol,
+        })?;
+        if let Some(old) = self.destinations[id as usize].take() {
+            self.by_destination.remove(&old);
+        }
+        let zero = PerCpuValues::try_from(vec![
+            DestinationMetrics::default();
+            nr_cpus().map_err(|(_, e)| Error::Io {
+                what: "cannot count CPUs".into(),
+                source: e,
+            })?
+        ])
+        .map_err(io_err("cannot size per-CPU counters"))?;
+        self.metrics
+            .set(id, zero, 0)
+            .map_err(map_err("cannot reset destination counters"))?;
+        self.records
+            .set(id, dest.record(), 0)
+            .map_err(map_err("cannot record destination"))?;
+        self.destinations[id as usize] = Some(dest.clone());
+        self.by_destination.insert(dest.clone(), id);
+        debug!(id, label = %dest.label, family = %dest.family, protocol = %dest.protocol, "allocated destination");
+        Ok((id, true))
+    }
+
+    /// Frees `id` if nothing refers to it any more.
+    fn release_destination(&mut self, id: u32) -> Result<()> {
+        if self.refcount[id as usize] != 0 || self.socket_cookie(id)?.is_some() {
+            return Ok(());
+        }
+        let Some(dest) = self.destinations[id as usize].take() else {
+            return Ok(());
+        };
+        self.by_destination.remove(&dest);
+        let mut record = dest.record();
+        record.in_use = 0;
+        self.records
+            .set(id, record, 0)
+            .map_err(map_err("cannot release destination"))?;
+        debug!(id, "released destination");
+        Ok(())
+    }
+
+    fn write_binding(&mut self, selector: &Selector, id: u32) -> Result<()> {
+        let value = BindingValue {
+            destination: id,
+            prefix_len: u32::from(selector.prefix.len()),
+        };
+        let res = if selector.prefix.is_host() {
+            self.hosts.insert(selector.key(), value, 0)
+        } else {
+            let key = lpm_trie::Key::new(selector.trie_prefix_len(), selector.key());
+            self.prefixes.insert(&key, value, 0)
+        };
+        res.map_err(|e| match &e {
+            MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                Error::TableFull(*selector)
+            }
+            MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOSPC) => {
+                Error::TableFull(*selector)
+            }
+            _ => Error::Map {
+                what: format!("cannot write binding {selector}"),
+                source: e,
+            },
+        })
+    }
+
+    fn delete_binding(&mut self, selector: &Selector) -> Result<()> {
+        let res = if selector.prefix.is_host() {
+            self.hosts.remove(&selector.key())
+        } else {
+            let key = lpm_trie::Key::new(selector.trie_prefix_len(), selector.key());
+            self.prefixes.remove(&key)
+        };
+        res.map_err(map_err(format!("cannot delete binding {selector}")))
+    }
+
+    /// Adds a binding, or moves an existing one to another label.
+    pub fn bind(&mut self, binding: &Binding) -> Result<String> {
+        let selector = binding.selector();
+        let dest = Destination {
+            label: binding.label.clone(),
+            family: selector.prefix.family(),
+            protocol: selector.protocol,
+        };
+        let (id, fresh) = self.ensure_destination(&dest)?;
+        let previous = self.bindings.get(&selector).copied();
+        if previous == Some(id) {
+            return Ok(format!("already bound {selector} -> {}", binding.label));
+        }
+        if let Err(e) = self.write_binding(&selector, id) {
+            if fresh {
+                self.release_destination(id)?;
+            }
+            return Err(e);
+        }
+        self.bindings.insert(selector, id);
+        self.refcount[id as usize] += 1;
+        match previous {
+            Some(old) => {
+                self.refcount[old as usize] -= 1;
+                let old_label = self
+                    .destination(old)
+                    .map(|d| d.label.to_string())
+                    .unwrap_or_default();
+                self.release_destination(old)?;
+                Ok(format!("rebound {selector} -> {} (was {old_label})", binding.label))
+            }
+            None => Ok(format!("bound {selector} -> {}", binding.label)),
+        }
+    }
+
+    /// Removes a binding whose label must match.
+    pub fn unbind(&mut self, binding: &Binding) -> Result<String> {
+        let selector = binding.selector();
+        let Some(&id) = self.bindings.get(&selector) else {
+            return Err(Error::NoSuchBinding(selector));
+        };
+        let actual = self.destination(id).map(|d| d.label.clone());
+        if actual.as_ref() != Some(&binding.label) {
+            return Err(Error::LabelMismatch {
+                selector,
+                actual: actual.map(|l| l.to_string()).unwrap_or_default(),
+                given: binding.label.to_string(),
+            });
+        }
+        self.delete_binding(&selector)?;
+        self.bindings.remove(&selector);
+        self.refcount[id as usize] -= 1;
+        self.release_destination(id)?;
+        Ok(format!("unbound {selector} -> {}", binding.label))
+    }
+
+    /// Every binding, in precedence order.
+    pub fn bindings(&self) -> Vec<Binding> {
+        let mut out: Vec<Binding> = self
+            .bindings
+            .iter()
+            .filter_map(|(s, &id)| {
+                Some(Binding {
+                    label: self.destination(id)?.label.clone(),
+                    protocol: s.protocol,
+                    prefix: s.prefix,
+                    port: s.port,
+                })
+            })
+            .collect();
+        Binding::sort(&mut out);
+        out
+    }
+
+    /// Registers sockets for `label`: validates all of them first, then puts
+    /// one per (family, protocol) into the sockmap, replacing what was there.
+    /// The descriptors are closed when this returns: the sockmap does not
+    /// keep a socket alive, so the service's exit empties its slot.
+    pub fn register(&mut self, label: &Label, sockets: Vec<(OwnedFd, String)>) -> Result<Vec<String>> {
+        if sockets.is_empty() {
+            return Err(Error::NoSockets);
+        }
+        let mut chosen: Vec<(Destination, OwnedFd, String, SocketInfo)> = Vec::new();
+        for (fd, name) in sockets {
+            let info = socket::inspect(fd.as_fd()).map_err(|source| Error::BadSocket {
+                name: name.clone(),
+                source,
+            })?;
+            let ns = socket::netns_inode(fd.as_fd()).map_err(|source| Error::BadSocket {
+                name: name.clone(),
+                source,
+            })?;
+            if ns != self.location.netns_ino {
+                return Err(Error::ForeignNetns {
+                    name,
+                    addr: info.local,
+                });
+            }
+            let dest = Destination {
+                label: label.clone(),
+                family: info.family,
+                protocol: info.protocol,
+            };
+            if let Some((_, _, first, first_info)) = chosen.iter().find(|(d, ..)| *d == dest) {
+                // Members of one reuseport group are one service: the kernel
+                // picks among them after we pick the first.
+                if first_info.reuseport && info.reuseport && first_info.local == info.local {
+                    continue;
+                }
+                return Err(Error::DuplicateSockets {
+                    label: label.clone(),
+                    family: info.family,
+                    protocol: info.protocol,
+                    first: first.clone(),
+                    second: name,
+                });
+            }
+            chosen.push((dest, fd, name, info));
+        }
+
+        let mut messages = Vec::new();
+        for (dest, fd, _name, info) in chosen {
+            let (id, fresh) = self.ensure_destination(&dest)?;
+            let replaced = self.socket_cookie(id)?;
+            if let Err(e) = sys::sockmap_update(self.sockets.fd().as_fd(), id, fd.as_fd()) {
+                if fresh {
+                    self.release_destination(id)?;
+                }
+                return Err(Error::Io {
+                    what: format!("cannot register {} {} {} socket {}", dest.label, dest.family, dest.protocol, info.local),
+                    source: e,
+                });
+            }
+            drop(fd);
+            messages.push(match replaced {
+                Some(old) => format!(
+                    "replaced {} {} {}: socket {} (cookie {}, was {old})",
+                    dest.label, dest.family, dest.protocol, info.local, info.cookie
+                ),
+                None => format!(
+                    "registered {} {} {}: socket {} (cookie {})",
+                    dest.label, dest.family, dest.protocol, info.local, info.cookie
+                ),
+            });
+        }
+        Ok(messages)
+    }
+
+    /// Removes the socket of a destination.
+    pub fn unregister(&mut self, label: &Label, family: Family, protocol: Protocol) -> Result<String> {
+        let dest = Destination {
+            label: label.clone(),
+            family,
+            protocol,
+        };
+        let not_registered = || Error::NotRegistered {
+            label: label.clone(),
+            family,
+            protocol,
+        };
+        let &id = self.by_destination.get(&dest).ok_or_else(not_registered)?;
+        let removed = sys::sockmap_delete(self.sockets.fd().as_fd(), id)
+            .map_err(io_err("cannot delete from the sockmap"))?;
+        if !removed {
+            return Err(not_registered());
+        }
+        self.release_destination(id)?;
+        Ok(format!("unregistered {label} {family} {protocol}"))
+    }
+
+    fn metrics(&self, id: u32) -> Result<Metrics> {
+        let per_cpu = self
+            .metrics
+            .get(&id, 0)
+            .map_err(map_err("cannot read counters"))?;
+        let mut m = Metrics::default();
+        for c in per_cpu.iter() {
+            m.lookups += c.lookups;
+            m.misses += c.misses;
+            m.errors_family += c.errors_family;
+            m.errors_protocol += c.errors_protocol;
+            m.errors_state += c.errors_state;
+            m.errors_other += c.errors_other;
+        }
+        Ok(m)
+    }
+
+    /// Bindings, destinations and counters; only `label`'s if given.
+    pub fn status(&self, label: Option<&Label>) -> Result<Status> {
+        let mut bindings = self.bindings();
+        if let Some(l) = label {
+            bindings.retain(|b| &b.label == l);
+        }
+        let mut destinations = Vec::new();
+        for (dest, &id) in &self.by_destination {
+            if label.is_some_and(|l| *l != dest.label) {
+                continue;
+            }
+            let socket_cookie = self.socket_cookie(id)?;
+            let refs = self.refcount[id as usize] as usize;
+            if refs == 0 && socket_cookie.is_none() {
+                continue;
+            }
+            destinations.push(DestinationStatus {
+                label: dest.label.clone(),
+                family: dest.family,
+                protocol: dest.protocol,
+                id,
+                socket_cookie,
+                bindings: refs,
+                metrics: self.metrics(id)?,
+            });
+        }
+        destinations.sort_by(|a, b| {
+            (&a.label, a.family, a.protocol).cmp(&(&b.label, b.family, b.protocol))
+        });
+        Ok(Status {
+            bindings,
+            destinations,
+        })
+    }
+}
