@@ -29,7 +29,13 @@ fn json(value: &impl serde::Serialize) -> CmdResult {
 pub fn bindings(client: &Client, as_json: bool) -> CmdResult {
     match client.call(&Request::Bindings, &[])? {
         Response::Bindings { bindings } if as_json => {
-            json(&serde_json::json!({ "bindings": bindings }))
+            #[derive(serde::Serialize)]
+            struct Out<'a> {
+                bindings: &'a [Binding],
+            }
+            json(&Out {
+                bindings: &bindings,
+            })
         }
         Response::Bindings { bindings } => {
             print_bindings(&bindings);
