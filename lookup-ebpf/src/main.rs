@@ -12,19 +12,19 @@
 use core::{cell::UnsafeCell, ptr};
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::{
         bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SOCKMAP, bpf_sk_lookup, sk_action::SK_DROP,
         sk_action::SK_PASS,
     },
     helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release},
     macros::{map, sk_lookup},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::SkLookupContext,
-    EbpfContext as _,
 };
 use lookup_common::{
-    BindingKey, BindingValue, DestinationMetrics, DestinationRecord, Meta, FAMILY_V4, FAMILY_V6,
-    KEY_HEADER_BITS, MAX_BINDINGS, MAX_DESTINATIONS,
+    BindingKey, BindingValue, DestinationMetrics, DestinationRecord, FAMILY_V4, FAMILY_V6,
+    KEY_HEADER_BITS, MAX_BINDINGS, MAX_DESTINATIONS, Meta,
 };
 
 const EAFNOSUPPORT: i64 = 97;
@@ -34,8 +34,7 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 const PIN_BY_NAME: u32 = 1;
 
 #[map(name = "LOOKUP_HOSTS")]
-static HOSTS: HashMap<BindingKey, BindingValue> =
-    HashMap::pinned(MAX_BINDINGS, BPF_F_NO_PREALLOC);
+static HOSTS: HashMap<BindingKey, BindingValue> = HashMap::pinned(MAX_BINDINGS, BPF_F_NO_PREALLOC);
 
 #[map(name = "LOOKUP_PREFIXES")]
 static PREFIXES: LpmTrie<BindingKey, BindingValue> = LpmTrie::pinned(MAX_BINDINGS, 0);
@@ -153,12 +152,8 @@ fn steer(ctx: &SkLookupContext, destination: u32) -> u32 {
     let metrics = unsafe { &mut *metrics };
     metrics.lookups += 1;
 
-    let sk = unsafe {
-        bpf_map_lookup_elem(
-            SOCKETS.0.get().cast(),
-            (&raw const destination).cast(),
-        )
-    };
+    let sk =
+        unsafe { bpf_map_lookup_elem(SOCKETS.0.get().cast(), (&raw const destination).cast()) };
     if sk.is_null() {
         // A binding reserves its addresses even while its service is down.
         metrics.misses += 1;

@@ -65,9 +65,11 @@ type Shared = Arc<Mutex<Dispatcher>>;
 pub async fn run(config: Config) -> Result<(), Error> {
     let dispatcher = {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || Dispatcher::open_or_create(&config.netns, &config.bpffs))
-            .await
-            .expect("dispatcher setup panicked")?
+        tokio::task::spawn_blocking(move || {
+            Dispatcher::open_or_create(&config.netns, &config.bpffs)
+        })
+        .await
+        .expect("dispatcher setup panicked")?
     };
     let state_dir = dispatcher.location().dir.clone();
     let shared: Shared = Arc::new(Mutex::new(dispatcher));
@@ -182,7 +184,10 @@ pub fn handle(shared: &Mutex<Dispatcher>, request: Request, fds: Vec<OwnedFd>) -
     };
     match request {
         Request::Bind { binding } => d.bind(&binding).map(|m| done(vec![m])).unwrap_or_else(fail),
-        Request::Unbind { binding } => d.unbind(&binding).map(|m| done(vec![m])).unwrap_or_else(fail),
+        Request::Unbind { binding } => d
+            .unbind(&binding)
+            .map(|m| done(vec![m]))
+            .unwrap_or_else(fail),
         Request::Bindings => Response::Bindings {
             bindings: d.bindings(),
         },
@@ -191,7 +196,10 @@ pub fn handle(shared: &Mutex<Dispatcher>, request: Request, fds: Vec<OwnedFd>) -
                 .into_iter()
                 .enumerate()
                 .map(|(i, fd)| {
-                    let name = names.get(i).cloned().unwrap_or_else(|| format!("socket #{}", i + 1));
+                    let name = names
+                        .get(i)
+                        .cloned()
+                        .unwrap_or_else(|| format!("socket #{}", i + 1));
                     (fd, name)
                 })
                 .collect();
@@ -205,7 +213,10 @@ pub fn handle(shared: &Mutex<Dispatcher>, request: Request, fds: Vec<OwnedFd>) -
             .unregister(&label, family, protocol)
             .map(|m| done(vec![m]))
             .unwrap_or_else(fail),
-        Request::Status { label } => d.status(label.as_ref()).map(Response::Status).unwrap_or_else(fail),
+        Request::Status { label } => d
+            .status(label.as_ref())
+            .map(Response::Status)
+            .unwrap_or_else(fail),
     }
 }
 
@@ -238,5 +249,8 @@ fn send_notify(path: &std::ffi::OsStr, state: &str) -> io::Result<()> {
 }
 
 fn notify_ready(status: &str) {
-    notify(&format!("READY=1\nSTATUS={status}\nMAINPID={}", std::process::id()));
+    notify(&format!(
+        "READY=1\nSTATUS={status}\nMAINPID={}",
+        std::process::id()
+    ));
 }

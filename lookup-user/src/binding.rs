@@ -26,7 +26,9 @@ pub enum ParseError {
     #[error("invalid port {0:?}: expected 0..=65535 (0 means every port)")]
     Port(String),
     /// The address part does not parse.
-    #[error("invalid prefix {0:?}: not an IPv4 or IPv6 address in full form (e.g. 192.0.2.0/24, 2001:db8::/32)")]
+    #[error(
+        "invalid prefix {0:?}: not an IPv4 or IPv6 address in full form (e.g. 192.0.2.0/24, 2001:db8::/32)"
+    )]
     Address(String),
     /// The length part does not parse or is too long for the family.
     #[error("invalid prefix {input:?}: {family} prefix length must be 0..={max}")]
@@ -47,7 +49,9 @@ pub enum ParseError {
         masked: String,
     },
     /// An IPv4-mapped IPv6 prefix.
-    #[error("invalid prefix {input:?}: IPv4-mapped IPv6 addresses are not accepted; use the IPv4 form {hint}")]
+    #[error(
+        "invalid prefix {input:?}: IPv4-mapped IPv6 addresses are not accepted; use the IPv4 form {hint}"
+    )]
     Mapped {
         /// What the user typed.
         input: String,
@@ -198,6 +202,10 @@ impl Prefix {
     }
 
     /// The prefix length in bits.
+    #[expect(
+        clippy::len_without_is_empty,
+        reason = "the length of a prefix, not of a collection"
+    )]
     pub const fn len(&self) -> u8 {
         self.len
     }
@@ -263,8 +271,10 @@ impl FromStr for Prefix {
             None => (s, None),
         };
         let addr: IpAddr = ip.parse().map_err(|_| ParseError::Address(s.to_owned()))?;
-        if let IpAddr::V6(v6) = addr {
-            if let Some(v4) = v6.to_ipv4_mapped() {
+        if let IpAddr::V6(v6) = addr
+            && let Some(v4) = v6.to_ipv4_mapped()
+        {
+            {
                 let hint = match len.and_then(|l| l.parse::<u8>().ok()) {
                     Some(l) if (96..128).contains(&l) => format!("{v4}/{}", l - 96),
                     _ => v4.to_string(),
@@ -288,7 +298,11 @@ impl FromStr for Prefix {
                 _ => {
                     return Err(ParseError::PrefixLength {
                         input: s.to_owned(),
-                        family: if family == Family::Ipv4 { "IPv4" } else { "IPv6" },
+                        family: if family == Family::Ipv4 {
+                            "IPv4"
+                        } else {
+                            "IPv6"
+                        },
                         max,
                     });
                 }
@@ -463,7 +477,12 @@ pub struct Binding {
 
 impl Binding {
     /// Parses the CLI's `<label> <tcp|udp> <prefix> <port>`.
-    pub fn parse(label: &str, protocol: &str, prefix: &str, port: &str) -> Result<Self, ParseError> {
+    pub fn parse(
+        label: &str,
+        protocol: &str,
+        prefix: &str,
+        port: &str,
+    ) -> Result<Self, ParseError> {
         Ok(Self {
             label: label.parse()?,
             protocol: protocol.parse()?,
@@ -491,12 +510,12 @@ impl Binding {
     }
 
     /// The binding a lookup picks: the first match in precedence order.
-    pub fn select<'a>(
-        sorted: &'a [Binding],
+    pub fn select(
+        sorted: &[Binding],
         protocol: Protocol,
         ip: IpAddr,
         port: u16,
-    ) -> Option<&'a Binding> {
+    ) -> Option<&Binding> {
         sorted
             .iter()
             .find(|b| b.selector().matches(protocol, ip, port))
@@ -519,8 +538,14 @@ mod tests {
 
     #[test]
     fn prefixes_parse_and_reject_with_hints() {
-        assert_eq!("10.0.0.0/8".parse::<Prefix>().unwrap().to_string(), "10.0.0.0/8");
-        assert_eq!("127.0.0.1".parse::<Prefix>().unwrap().to_string(), "127.0.0.1/32");
+        assert_eq!(
+            "10.0.0.0/8".parse::<Prefix>().unwrap().to_string(),
+            "10.0.0.0/8"
+        );
+        assert_eq!(
+            "127.0.0.1".parse::<Prefix>().unwrap().to_string(),
+            "127.0.0.1/32"
+        );
         assert_eq!("2001:db8::".parse::<Prefix>().unwrap().len(), 128);
         assert_eq!("::/0".parse::<Prefix>().unwrap().len(), 0);
         assert_eq!("0.0.0.0/0".parse::<Prefix>().unwrap().len(), 0);
@@ -548,11 +573,34 @@ mod tests {
             assert!(e.contains(&format!("{bad:?}")), "{e}");
         }
         assert_eq!("tcp".parse::<Protocol>().unwrap(), Protocol::Tcp);
-        assert!("sctp".parse::<Protocol>().unwrap_err().to_string().contains("\"sctp\""));
+        assert!(
+            "sctp"
+                .parse::<Protocol>()
+                .unwrap_err()
+                .to_string()
+                .contains("\"sctp\"")
+        );
         assert!("TCP".parse::<Protocol>().is_err());
-        assert!("ipv5".parse::<Family>().unwrap_err().to_string().contains("\"ipv5\""));
-        assert!("".parse::<Label>().unwrap_err().to_string().contains("empty"));
-        assert!("a".repeat(256).parse::<Label>().unwrap_err().to_string().contains("255"));
+        assert!(
+            "ipv5"
+                .parse::<Family>()
+                .unwrap_err()
+                .to_string()
+                .contains("\"ipv5\"")
+        );
+        assert!(
+            "".parse::<Label>()
+                .unwrap_err()
+                .to_string()
+                .contains("empty")
+        );
+        assert!(
+            "a".repeat(256)
+                .parse::<Label>()
+                .unwrap_err()
+                .to_string()
+                .contains("255")
+        );
         assert!("a".repeat(255).parse::<Label>().is_ok());
         assert!("a\nb".parse::<Label>().is_err());
         assert!("a\0b".parse::<Label>().is_err());
@@ -600,7 +648,11 @@ mod tests {
 
     #[test]
     fn keys_round_trip() {
-        for (prefix, port) in [("192.0.2.0/24", 80), ("2001:db8::/32", 0), ("10.1.2.3", 65535)] {
+        for (prefix, port) in [
+            ("192.0.2.0/24", 80),
+            ("2001:db8::/32", 0),
+            ("10.1.2.3", 65535),
+        ] {
             let s = b("x", "udp", prefix, port).selector();
             assert_eq!(Selector::from_key(&s.key(), s.prefix.len()), Some(s));
         }

@@ -70,7 +70,9 @@ pub enum Error {
     #[error("another lookupd already manages {0}")]
     Locked(PathBuf),
     /// The pinned state is not ours or of another layout.
-    #[error("pinned state at {path} is incompatible: {reason}; remove it with `rm -r {path}` (steering in that namespace stops) and start again")]
+    #[error(
+        "pinned state at {path} is incompatible: {reason}; remove it with `rm -r {path}` (steering in that namespace stops) and start again"
+    )]
     Incompatible {
         /// The state directory.
         path: PathBuf,
@@ -124,7 +126,9 @@ pub enum Error {
     #[error("cannot add {0}: the binding table is full")]
     TableFull(Selector),
     /// No free destination id.
-    #[error("cannot add destination {label} {family} {protocol}: all {MAX_DESTINATIONS} destinations are in use")]
+    #[error(
+        "cannot add destination {label} {family} {protocol}: all {MAX_DESTINATIONS} destinations are in use"
+    )]
     DestinationsFull {
         /// Label.
         label: Label,
@@ -151,7 +155,9 @@ pub enum Error {
         addr: std::net::SocketAddr,
     },
     /// Two different sockets for one destination.
-    #[error("{first} and {second} are both {family} {protocol} sockets for label {label:?} but not one SO_REUSEPORT group: register one socket per label, family and protocol")]
+    #[error(
+        "{first} and {second} are both {family} {protocol} sockets for label {label:?} but not one SO_REUSEPORT group: register one socket per label, family and protocol"
+    )]
     DuplicateSockets {
         /// Label.
         label: Label,
@@ -306,7 +312,8 @@ fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
 
 fn open_map(dir: &Path, name: &str) -> Result<Map> {
     let path = dir.join(name);
-    let data = MapData::from_pin(&path).map_err(map_err(format!("cannot open {}", path.display())))?;
+    let data =
+        MapData::from_pin(&path).map_err(map_err(format!("cannot open {}", path.display())))?;
     Map::from_map_data(data).map_err(map_err(format!("cannot use {}", path.display())))
 }
 
@@ -370,7 +377,11 @@ impl Dispatcher {
             return Err(Error::NoObject);
         }
         let (location, ns) = Location::resolve(netns, bpffs)?;
-        let base = location.dir.parent().expect("state dir has a parent").to_owned();
+        let base = location
+            .dir
+            .parent()
+            .expect("state dir has a parent")
+            .to_owned();
         fs::DirBuilder::new()
             .mode(0o700)
             .recursive(true)
@@ -378,7 +389,8 @@ impl Dispatcher {
             .map_err(io_err(format!("cannot create {}", base.display())))?;
         // Creation is serialised on the base directory; each state directory
         // then carries its agent's lock.
-        let base_lock = File::open(&base).map_err(io_err(format!("cannot open {}", base.display())))?;
+        let base_lock =
+            File::open(&base).map_err(io_err(format!("cannot open {}", base.display())))?;
         let base_lock = lock(base_lock, &base, FlockArg::LockExclusive)?;
         if !location.dir.exists() {
             Self::create(&location, &base, &ns)?;
@@ -432,14 +444,15 @@ impl Dispatcher {
             })?
             .try_into()
             .map_err(prog_err("dispatcher program is not sk_lookup"))?;
-        prog.load().map_err(prog_err("the verifier rejected the dispatcher"))?;
+        prog.load()
+            .map_err(prog_err("the verifier rejected the dispatcher"))?;
         prog.pin(dir.join(PROGRAM_PIN)).map_err(|e| Error::Io {
             what: "cannot pin the program".into(),
             source: io::Error::other(e),
         })?;
-        let link_id = prog
-            .attach(ns.as_fd())
-            .map_err(prog_err("cannot attach the dispatcher to the network namespace"))?;
+        let link_id = prog.attach(ns.as_fd()).map_err(prog_err(
+            "cannot attach the dispatcher to the network namespace",
+        ))?;
         let link: FdLink = prog
             .take_link(link_id)
             .map_err(prog_err("cannot take the link"))?
@@ -475,10 +488,14 @@ impl Dispatcher {
         }
         let maps = Maps::from(|name| open_map(&dir, name))?;
 
-        let link_fd = sys::obj_get(&dir.join(LINK_PIN)).map_err(io_err("cannot open the pinned link"))?;
-        let link = sys::netns_link_info(link_fd.as_fd()).map_err(io_err("cannot inspect the pinned link"))?;
+        let link_fd =
+            sys::obj_get(&dir.join(LINK_PIN)).map_err(io_err("cannot open the pinned link"))?;
+        let link = sys::netns_link_info(link_fd.as_fd())
+            .map_err(io_err("cannot inspect the pinned link"))?;
         if link.attach_type != BPF_SK_LOOKUP {
-            return Err(incompatible("the pinned link is not an sk_lookup link".into()));
+            return Err(incompatible(
+                "the pinned link is not an sk_lookup link".into(),
+            ));
         }
         if u64::from(link.netns_ino) != location.netns_ino {
             return Err(incompatible(format!(
@@ -486,8 +503,11 @@ impl Dispatcher {
                 link.netns_ino, location.netns_ino
             )));
         }
-        let pinned = SkLookup::from_pin(dir.join(PROGRAM_PIN)).map_err(prog_err("cannot open the pinned program"))?;
-        let pinned_info = pinned.info().map_err(prog_err("cannot inspect the pinned program"))?;
+        let pinned = SkLookup::from_pin(dir.join(PROGRAM_PIN))
+            .map_err(prog_err("cannot open the pinned program"))?;
+        let pinned_info = pinned
+            .info()
+            .map_err(prog_err("cannot inspect the pinned program"))?;
         if pinned_info.id() != link.prog_id {
             return Err(incompatible(format!(
                 "the link runs program {} but the pinned program is {}",
@@ -522,7 +542,12 @@ impl Dispatcher {
 
     /// Loads this build's program against the pinned maps; if its tag differs
     /// from the running one, swaps it into the link atomically.
-    fn upgrade_if_needed(dir: &Path, link: &OwnedFd, pinned: &SkLookup, pinned_tag: u64) -> Result<()> {
+    fn upgrade_if_needed(
+        dir: &Path,
+        link: &OwnedFd,
+        pinned: &SkLookup,
+        pinned_tag: u64,
+    ) -> Result<()> {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(dir)
             .load(EBPF_OBJECT)
@@ -535,8 +560,12 @@ impl Dispatcher {
             })?
             .try_into()
             .map_err(prog_err("dispatcher program is not sk_lookup"))?;
-        prog.load().map_err(prog_err("the verifier rejected the dispatcher"))?;
-        let new_tag = prog.info().map_err(prog_err("cannot inspect the new program"))?.tag();
+        prog.load()
+            .map_err(prog_err("the verifier rejected the dispatcher"))?;
+        let new_tag = prog
+            .info()
+            .map_err(prog_err("cannot inspect the new program"))?
+            .tag();
         if new_tag == pinned_tag {
             return Ok(());
         }
@@ -556,7 +585,11 @@ impl Dispatcher {
             });
         }
         fs::rename(&staged, dir.join(PROGRAM_PIN)).map_err(io_err("cannot re-pin the program"))?;
-        info!(old_tag = format!("{pinned_tag:016x}"), new_tag = format!("{new_tag:016x}"), "upgraded dispatcher program in place");
+        info!(
+            old_tag = format!("{pinned_tag:016x}"),
+            new_tag = format!("{new_tag:016x}"),
+            "upgraded dispatcher program in place"
+        );
         Ok(())
     }
 
@@ -586,7 +619,11 @@ impl Dispatcher {
                 .ok()
                 .and_then(|len| Selector::from_key(&key, len))
             else {
-                warn!(?key, ?value, "ignoring a malformed binding in the pinned maps");
+                warn!(
+                    ?key,
+                    ?value,
+                    "ignoring a malformed binding in the pinned maps"
+                );
                 continue;
             };
             if self.destination(value.destination).is_none() {
@@ -610,7 +647,8 @@ impl Dispatcher {
     }
 
     fn socket_cookie(&self, id: u32) -> Result<Option<u64>> {
-        sys::sockmap_lookup(self.sockets.fd().as_fd(), id).map_err(io_err("cannot read the sockmap"))
+        sys::sockmap_lookup(self.sockets.fd().as_fd(), id)
+            .map_err(io_err("cannot read the sockmap"))
     }
 
     /// The id of `dest`, allocating (and zeroing the counters of) a free one.
@@ -745,7 +783,10 @@ impl Dispatcher {
                     .map(|d| d.label.to_string())
                     .unwrap_or_default();
                 self.release_destination(old)?;
-                Ok(format!("rebound {selector} -> {} (was {old_label})", binding.label))
+                Ok(format!(
+                    "rebound {selector} -> {} (was {old_label})",
+                    binding.label
+                ))
             }
             None => Ok(format!("bound {selector} -> {}", binding.label)),
         }
@@ -794,7 +835,11 @@ impl Dispatcher {
     /// one per (family, protocol) into the sockmap, replacing what was there.
     /// The descriptors are closed when this returns: the sockmap does not
     /// keep a socket alive, so the service's exit empties its slot.
-    pub fn register(&mut self, label: &Label, sockets: Vec<(OwnedFd, String)>) -> Result<Vec<String>> {
+    pub fn register(
+        &mut self,
+        label: &Label,
+        sockets: Vec<(OwnedFd, String)>,
+    ) -> Result<Vec<String>> {
         if sockets.is_empty() {
             return Err(Error::NoSockets);
         }
@@ -845,7 +890,10 @@ impl Dispatcher {
                     self.release_destination(id)?;
                 }
                 return Err(Error::Io {
-                    what: format!("cannot register {} {} {} socket {}", dest.label, dest.family, dest.protocol, info.local),
+                    what: format!(
+                        "cannot register {} {} {} socket {}",
+                        dest.label, dest.family, dest.protocol, info.local
+                    ),
                     source: e,
                 });
             }
@@ -865,7 +913,12 @@ impl Dispatcher {
     }
 
     /// Removes the socket of a destination.
-    pub fn unregister(&mut self, label: &Label, family: Family, protocol: Protocol) -> Result<String> {
+    pub fn unregister(
+        &mut self,
+        label: &Label,
+        family: Family,
+        protocol: Protocol,
+    ) -> Result<String> {
         let dest = Destination {
             label: label.clone(),
             family,

@@ -2,13 +2,13 @@
 //! but argument parsing: binding rules, the pinned BPF state, the agent and
 //! its control protocol, and the CLI commands.
 
-pub mod binding;
-pub mod proto;
-pub mod socket;
 pub mod activation;
 pub mod agent;
+pub mod binding;
 pub mod cli;
 pub mod dispatcher;
+pub mod proto;
+pub mod socket;
 pub mod sys;
 
 /// An error and its sources on one line, `outer: inner: innermost`.

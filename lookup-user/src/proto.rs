@@ -202,7 +202,10 @@ pub fn recv_with_fds(
         for c in msg.cmsgs()? {
             if let ControlMessageOwned::ScmRights(list) = c {
                 // SAFETY: the kernel just installed these descriptors for us.
-                received.extend(list.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                received.extend(
+                    list.into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
             }
         }
         (msg.bytes, received)
@@ -246,9 +249,15 @@ mod tests {
         let json = String::from_utf8(first.clone()).unwrap();
         assert!(json.contains(r#""op":"bind""#), "{json}");
         assert!(json.contains(r#""prefix":"192.0.2.0/24""#), "{json}");
-        assert!(matches!(serde_json::from_slice(&first).unwrap(), Request::Bind { .. }));
+        assert!(matches!(
+            serde_json::from_slice(&first).unwrap(),
+            Request::Bind { .. }
+        ));
         let second = take_frame(&mut buf).unwrap().unwrap();
-        assert!(matches!(serde_json::from_slice(&second).unwrap(), Request::Bindings));
+        assert!(matches!(
+            serde_json::from_slice(&second).unwrap(),
+            Request::Bindings
+        ));
         assert_eq!(take_frame(&mut buf).unwrap(), None);
         assert_eq!(buf, vec![7]);
     }
@@ -256,10 +265,15 @@ mod tests {
     #[test]
     fn bad_input_in_frames_is_rejected() {
         let bad = br#"{"op":"bind","binding":{"label":"x","protocol":"tcp","prefix":"10.0.0.1/8","port":1}}"#;
-        let err = serde_json::from_slice::<Request>(bad).unwrap_err().to_string();
+        let err = serde_json::from_slice::<Request>(bad)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("10.0.0.0/8"), "{err}");
         let mut huge = (u32::MAX).to_le_bytes().to_vec();
-        assert!(matches!(take_frame(&mut huge), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            take_frame(&mut huge),
+            Err(FrameError::TooLarge(_))
+        ));
     }
 
     #[test]

@@ -43,7 +43,9 @@ impl Client {
         stream
             .read_exact(&mut body)
             .map_err(|e| format!("truncated answer from lookupd: {e}"))?;
-        match serde_json::from_slice(&body).map_err(|e| format!("malformed answer from lookupd: {e}"))? {
+        match serde_json::from_slice(&body)
+            .map_err(|e| format!("malformed answer from lookupd: {e}"))?
+        {
             Response::Error { message } => Err(message),
             other => Ok(other),
         }

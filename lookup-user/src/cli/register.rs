@@ -21,7 +21,9 @@ fn send(client: &Client, label: Label, sockets: Vec<PassedSocket>) -> CmdResult 
 
 /// Registers the sockets systemd passed us.
 pub fn register(client: &Client, label: &str) -> CmdResult {
-    let label: Label = label.parse().map_err(|e: crate::binding::ParseError| e.to_string())?;
+    let label: Label = label
+        .parse()
+        .map_err(|e: crate::binding::ParseError| e.to_string())?;
     let sockets = activation::from_systemd().map_err(|e| crate::error_chain(&e))?;
     send(client, label, sockets)
 }
@@ -35,8 +37,12 @@ pub fn register_pid(
     ip: &str,
     port: &str,
 ) -> CmdResult {
-    let label: Label = label.parse().map_err(|e: crate::binding::ParseError| e.to_string())?;
-    let protocol: Protocol = protocol.parse().map_err(|e: crate::binding::ParseError| e.to_string())?;
+    let label: Label = label
+        .parse()
+        .map_err(|e: crate::binding::ParseError| e.to_string())?;
+    let protocol: Protocol = protocol
+        .parse()
+        .map_err(|e: crate::binding::ParseError| e.to_string())?;
     let ip: IpAddr = ip
         .parse()
         .map_err(|_| format!("invalid address {ip:?}: expected an IPv4 or IPv6 address"))?;

@@ -11,11 +11,27 @@ fn port(p: u16) -> String {
 }
 
 fn print_bindings(bindings: &[Binding]) {
-    let w = bindings.iter().map(|b| b.label.as_str().len()).max().unwrap_or(0).max(5);
-    let pw = bindings.iter().map(|b| b.prefix.to_string().len()).max().unwrap_or(0).max(6);
+    let w = bindings
+        .iter()
+        .map(|b| b.label.as_str().len())
+        .max()
+        .unwrap_or(0)
+        .max(5);
+    let pw = bindings
+        .iter()
+        .map(|b| b.prefix.to_string().len())
+        .max()
+        .unwrap_or(0)
+        .max(6);
     println!("{:<w$}  {:<5}  {:<pw$}  PORT", "LABEL", "PROTO", "PREFIX");
     for b in bindings {
-        println!("{:<w$}  {:<5}  {:<pw$}  {}", b.label.as_str(), b.protocol.to_string(), b.prefix.to_string(), port(b.port));
+        println!(
+            "{:<w$}  {:<5}  {:<pw$}  {}",
+            b.label.as_str(),
+            b.protocol.to_string(),
+            b.prefix.to_string(),
+            port(b.port)
+        );
     }
 }
 
@@ -62,18 +78,47 @@ pub fn status(client: &Client, label: Option<&str>, as_json: bool) -> CmdResult 
     print_bindings(&status.bindings);
     println!();
     println!("Destinations:");
-    let w = status.destinations.iter().map(|d| d.label.as_str().len()).max().unwrap_or(0).max(5);
+    let w = status
+        .destinations
+        .iter()
+        .map(|d| d.label.as_str().len())
+        .max()
+        .unwrap_or(0)
+        .max(5);
     println!(
         "{:<w$}  {:<6}  {:<5}  {:>4}  {:<22}  {:>8}  {:>10}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}",
-        "LABEL", "FAMILY", "PROTO", "ID", "SOCKET", "BINDINGS", "LOOKUPS", "MISSES", "E-FAMILY", "E-PROTO", "E-STATE", "E-OTHER"
+        "LABEL",
+        "FAMILY",
+        "PROTO",
+        "ID",
+        "SOCKET",
+        "BINDINGS",
+        "LOOKUPS",
+        "MISSES",
+        "E-FAMILY",
+        "E-PROTO",
+        "E-STATE",
+        "E-OTHER"
     );
     for d in &status.destinations {
-        let socket = d.socket_cookie.map_or_else(|| "absent".to_owned(), |c| format!("cookie {c}"));
+        let socket = d
+            .socket_cookie
+            .map_or_else(|| "absent".to_owned(), |c| format!("cookie {c}"));
         let m = d.metrics;
         println!(
             "{:<w$}  {:<6}  {:<5}  {:>4}  {:<22}  {:>8}  {:>10}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}",
-            d.label.as_str(), d.family.to_string(), d.protocol.to_string(), d.id, socket, d.bindings,
-            m.lookups, m.misses, m.errors_family, m.errors_protocol, m.errors_state, m.errors_other
+            d.label.as_str(),
+            d.family.to_string(),
+            d.protocol.to_string(),
+            d.id,
+            socket,
+            d.bindings,
+            m.lookups,
+            m.misses,
+            m.errors_family,
+            m.errors_protocol,
+            m.errors_state,
+            m.errors_other
         );
     }
     Ok(())

@@ -1,0 +1,272 @@
+//! The loaded program against the precedence rules, lookup by lookup.
+//!
+//! Random binding sets (IPv4 and IPv6, host and wider prefixes, specific and
+//! wildcard ports, overlaps, a label without sockets) go through the real
+//! `Dispatcher` into the real maps; random lookups run through the real
+//! program with `BPF_PROG_TEST_RUN` and must pick exactly the socket named
+//! by the first match in `bindings()` order, the order `lookupctl bindings`
+//! prints. Needs root.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd, AsRawFd as _, OwnedFd},
+    path::Path,
+};
+
+use aya::programs::SkLookup;
+use lookup::{
+    binding::{Binding, Family, Label, Prefix, Protocol},
+    dispatcher::Dispatcher,
+    sys::{self, SkLookupCtx},
+};
+use lookup_tests::{BpfFs, NetNs, require_root};
+use nix::sys::socket::{
+    AddressFamily, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt, socket, sockopt,
+};
+
+const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
+
+/// xorshift64*: deterministic, so a failure names a seed that reproduces it.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len())]
+    }
+}
+
+fn server(family: Family, protocol: Protocol) -> (OwnedFd, u64) {
+    let (af, addr): (_, SocketAddr) = match family {
+        Family::Ipv4 => (AddressFamily::Inet, "127.0.0.1:0".parse().unwrap()),
+        Family::Ipv6 => (AddressFamily::Inet6, "[::1]:0".parse().unwrap()),
+    };
+    let ty = match protocol {
+        Protocol::Tcp => SockType::Stream,
+        Protocol::Udp => SockType::Datagram,
+    };
+    let fd = socket(af, ty, SockFlag::SOCK_CLOEXEC, None).expect("socket");
+    if family == Family::Ipv6 {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &true).expect("IPV6_V6ONLY");
+    }
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).expect("bind");
+    if protocol == Protocol::Tcp {
+        listen(&fd, nix::sys::socket::Backlog::new(16).unwrap()).expect("listen");
+    }
+    let cookie = lookup::socket::inspect(fd.as_fd()).expect("inspect").cookie;
+    (fd, cookie)
+}
+
+fn v4_pool(rng: &mut Rng) -> Ipv4Addr {
+    Ipv4Addr::new(
+        10,
+        rng.below(3) as u8,
+        rng.below(3) as u8,
+        rng.below(6) as u8,
+    )
+}
+
+fn v6_pool(rng: &mut Rng) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0x2001,
+        0xdb8,
+        rng.below(3) as u16,
+        0,
+        0,
+        0,
+        rng.below(3) as u16,
+        rng.below(6) as u16,
+    )
+}
+
+fn random_binding(rng: &mut Rng, labels: &[Label]) -> Binding {
+    let protocol = rng.pick(&[Protocol::Tcp, Protocol::Udp]);
+    let (addr, len) = if rng.below(2) == 0 {
+        (
+            IpAddr::V4(v4_pool(rng)),
+            rng.pick(&[0u8, 8, 16, 23, 24, 29, 32, 32, 32]),
+        )
+    } else {
+        (
+            IpAddr::V6(v6_pool(rng)),
+            rng.pick(&[0u8, 32, 48, 64, 112, 125, 128, 128, 128]),
+        )
+    };
+    // Mask through the parser so the prefix is canonical.
+    let masked = match addr {
+        IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(
+            u32::from(a) & u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0),
+        )),
+        IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(
+            u128::from(a) & u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0),
+        )),
+    };
+    Binding {
+        label: labels[rng.below(labels.len())].clone(),
+        protocol,
+        prefix: Prefix::new(masked, len).expect("canonical prefix"),
+        port: rng.pick(&[0u16, 80, 443, 8080]),
+    }
+}
+
+fn context(protocol: Protocol, ip: IpAddr, port: u16) -> SkLookupCtx {
+    let mut ctx = SkLookupCtx {
+        protocol: u32::from(protocol.number()),
+        local_port: u32::from(port),
+        remote_port: u32::from(40000u16.to_be()),
+        ..Default::default()
+    };
+    match ip {
+        IpAddr::V4(a) => {
+            ctx.family = u32::from(Family::Ipv4.number());
+            ctx.local_ip4 = u32::from_ne_bytes(a.octets());
+            ctx.remote_ip4 = u32::from_ne_bytes([127, 0, 0, 9]);
+        }
+        IpAddr::V6(a) => {
+            ctx.family = u32::from(Family::Ipv6.number());
+            let o = a.octets();
+            for i in 0..4 {
+                ctx.local_ip6[i] = u32::from_ne_bytes(o[4 * i..4 * i + 4].try_into().unwrap());
+            }
+            ctx.remote_ip6[3] = u32::from_ne_bytes([0, 0, 0, 9]);
+        }
+    }
+    ctx
+}
+
+fn check_lookups(
+    seed: u64,
+    rng: &mut Rng,
+    d: &Dispatcher,
+    prog: &SkLookup,
+    cookies: &HashMap<(Label, Family, Protocol), u64>,
+    rounds: usize,
+) -> (usize, usize, usize) {
+    let sorted = d.bindings();
+    let fd = prog.fd().expect("program fd");
+    let (mut steered, mut dropped, mut passed) = (0, 0, 0);
+    for _ in 0..rounds {
+        let protocol = rng.pick(&[Protocol::Tcp, Protocol::Udp]);
+        let ip = if rng.below(2) == 0 {
+            IpAddr::V4(v4_pool(rng))
+        } else {
+            IpAddr::V6(v6_pool(rng))
+        };
+        let port = rng.pick(&[80u16, 443, 8080, 22]);
+        let family = if ip.is_ipv4() {
+            Family::Ipv4
+        } else {
+            Family::Ipv6
+        };
+        let expected = match Binding::select(&sorted, protocol, ip, port) {
+            None => (SK_PASS, 0),
+            Some(b) => match cookies.get(&(b.label.clone(), family, protocol)) {
+                Some(&c) => (SK_PASS, c),
+                None => (SK_DROP, 0),
+            },
+        };
+        let got = sys::sk_lookup_test_run(fd.as_fd(), &context(protocol, ip, port), 1)
+            .unwrap_or_else(|e| panic!("seed {seed}: test run for {protocol} {ip}:{port}: {e}"));
+        assert_eq!(
+            (got.retval, got.cookie),
+            expected,
+            "seed {seed}: {protocol} {ip}:{port}: the program disagrees with the first match in \
+             precedence order {:?}\nbindings:\n{}",
+            Binding::select(&sorted, protocol, ip, port),
+            sorted
+                .iter()
+                .map(|b| format!("  {b}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        match expected {
+            (SK_PASS, 0) => passed += 1,
+            (SK_PASS, _) => steered += 1,
+            _ => dropped += 1,
+        }
+    }
+    (steered, dropped, passed)
+}
+
+#[test]
+fn data_plane_matches_precedence_order() {
+    if !require_root() {
+        return;
+    }
+    let _ns = NetNs::new(&[]);
+    let fs = BpfFs::new();
+    let mut d = Dispatcher::open_or_create(Path::new("/proc/thread-self/ns/net"), fs.path())
+        .expect("open dispatcher");
+    let prog = SkLookup::from_pin(d.location().dir.join("program")).expect("pinned program");
+
+    // Labels a..d have a socket of every family and protocol; "nosock" has none.
+    let labels: Vec<Label> = ["a", "b", "c", "d", "nosock"]
+        .iter()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let mut keep = Vec::new();
+    let mut cookies = HashMap::new();
+    for label in &labels[..4] {
+        for family in [Family::Ipv4, Family::Ipv6] {
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                let (fd, cookie) = server(family, protocol);
+                let copy = fd.try_clone().expect("dup");
+                d.register(label, vec![(copy, format!("{label} {family} {protocol}"))])
+                    .expect("register");
+                cookies.insert((label.clone(), family, protocol), cookie);
+                keep.push(fd);
+            }
+        }
+    }
+
+    let mut totals = (0, 0, 0);
+    for seed in [1u64, 2, 3, 0x5eed] {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        for _ in 0..400 {
+            let b = random_binding(&mut rng, &labels);
+            d.bind(&b)
+                .unwrap_or_else(|e| panic!("seed {seed}: bind {b}: {e}"));
+        }
+        let (s, x, p) = check_lookups(seed, &mut rng, &d, &prog, &cookies, 3000);
+        totals = (totals.0 + s, totals.1 + x, totals.2 + p);
+
+        // Remove a random half, then the rest, checking after each step.
+        let mut all = d.bindings();
+        for i in (0..all.len()).rev() {
+            if rng.below(2) == 0 {
+                let b = all.swap_remove(i);
+                d.unbind(&b)
+                    .unwrap_or_else(|e| panic!("seed {seed}: unbind {b}: {e}"));
+            }
+        }
+        check_lookups(seed, &mut rng, &d, &prog, &cookies, 1000);
+        for b in all {
+            d.unbind(&b)
+                .unwrap_or_else(|e| panic!("seed {seed}: unbind {b}: {e}"));
+        }
+        assert!(d.bindings().is_empty());
+        let (s, x, p) = check_lookups(seed, &mut rng, &d, &prog, &cookies, 200);
+        assert_eq!(
+            (s, x),
+            (0, 0),
+            "seed {seed}: with no bindings every lookup passes"
+        );
+        totals.2 += p;
+    }
+    // The sets must exercise all three outcomes, or the test proves little.
+    assert!(
+        totals.0 > 1000 && totals.1 > 100 && totals.2 > 1000,
+        "outcomes {totals:?}"
+    );
+    drop(keep);
+}
