@@ -198,6 +198,9 @@ pub struct SkLookupCtx {
     pub local_port: u32,
     /// Must be zero for a test run.
     pub ingress_ifindex: u32,
+    /// Explicit tail padding: the kernel rejects a context whose bytes past
+    /// `local_port` are not all zero, so none may be left uninitialised.
+    pub _pad: u32,
 }
 
 const _: () = assert!(size_of::<SkLookupCtx>() == 72);
