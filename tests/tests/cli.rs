@@ -1,0 +1,218 @@
+//! `lookupctl` input handling: errors name the input, and change nothing.
+
+use std::process::Command;
+
+use lookup_tests::{
+    Lab, Proto, TcpEcho, assert_answers, bindings::parse_bindings, bins, process::run_with_timeout,
+    require_root,
+};
+
+/// Runs every case, then reports all failures at once.
+#[test]
+fn invalid_input_names_the_input_and_changes_nothing() {
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new(&["192.0.2.0/24"]);
+    lab.bind("web", Proto::Tcp, "192.0.2.0/24", 80);
+    lab.bind("web", Proto::Udp, "2001:db8::/32", 0);
+    let bindings = lab.bindings_json();
+    let status = lab.status_json();
+
+    let long = "a".repeat(256);
+    // (arguments, text the error must contain)
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["bind", "web", "tcp", "10.0.0.1/33", "80"],
+            "10.0.0.1/33",
+        ),
+        (
+            vec!["bind", "web", "tcp", "2001:db8::/129", "80"],
+            "2001:db8::/129",
+        ),
+        (vec!["bind", "web", "tcp", "127.1", "80"], "127.1"),
+        (vec!["bind", "web", "tcp", "10.0.0.1/x", "80"], "10.0.0.1/x"),
+        (vec!["bind", "web", "tcp", "10.0.0.1", "65536"], "65536"),
+        (vec!["bind", "web", "tcp", "10.0.0.1", "-1"], "-1"),
+        (vec!["bind", "web", "tcp", "10.0.0.1", "http"], "http"),
+        (vec!["bind", "web", "sctp", "10.0.0.1", "80"], "sctp"),
+        (vec!["bind", "", "tcp", "10.0.0.1", "80"], "label"),
+        (vec!["bind", &long, "tcp", "10.0.0.1", "80"], "label"),
+        // Host bits set: the hint names the prefix to use.
+        (vec!["bind", "web", "tcp", "10.0.0.1/8", "80"], "10.0.0.0/8"),
+        (
+            vec!["bind", "web", "tcp", "2001:db8::1/32", "80"],
+            "2001:db8::/32",
+        ),
+        // IPv4-mapped IPv6: the hint names the IPv4 form.
+        (
+            vec!["bind", "web", "tcp", "::ffff:192.0.2.1", "80"],
+            "192.0.2.1",
+        ),
+        (
+            vec!["bind", "web", "tcp", "::ffff:192.0.2.0/120", "80"],
+            "192.0.2.0/24",
+        ),
+        (
+            vec!["unbind", "web", "tcp", "10.0.0.1/33", "80"],
+            "10.0.0.1/33",
+        ),
+        (vec!["unbind", "web", "sctp", "192.0.2.0/24", "80"], "sctp"),
+        // No such binding, and a label that differs.
+        (
+            vec!["unbind", "web", "tcp", "192.0.2.0/24", "81"],
+            "192.0.2.0/24",
+        ),
+        (
+            vec!["unbind", "other", "tcp", "192.0.2.0/24", "80"],
+            "other",
+        ),
+        (vec!["unregister", "web", "ipv5", "tcp"], "ipv5"),
+        (vec!["unregister", "web", "ipv4", "sctp"], "sctp"),
+        (
+            vec![
+                "register-pid",
+                "not-a-pid-or-file",
+                "web",
+                "tcp",
+                "127.0.0.1",
+                "80",
+            ],
+            "not-a-pid-or-file",
+        ),
+        (
+            vec!["register-pid", "1", "web", "sctp", "127.0.0.1", "80"],
+            "sctp",
+        ),
+        (
+            vec!["register-pid", "1", "web", "tcp", "127.0.0.1/8", "80"],
+            "127.0.0.1/8",
+        ),
+        (
+            vec!["register-pid", "1", "web", "tcp", "127.0.0.1", "65536"],
+            "65536",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (args, needle) in &cases {
+        let out = lab.ctl(args);
+        let shown: Vec<String> = args
+            .iter()
+            .map(|a| {
+                if a.len() > 20 {
+                    format!("<{} bytes>", a.len())
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect();
+        if out.success() {
+            failures.push(format!("{shown:?}: accepted\n{out}"));
+        } else if !out.stderr.contains(needle) {
+            failures.push(format!(
+                "{shown:?}: stderr does not contain {needle:?}\n{out}"
+            ));
+        } else if *needle == "192.0.2.1"
+            && out.stderr.matches("192.0.2.1").count()
+                <= out.stderr.matches("::ffff:192.0.2.1").count()
+        {
+            failures.push(format!("{shown:?}: no hint to use plain 192.0.2.1\n{out}"));
+        }
+        if lab.bindings_json() != bindings {
+            failures.push(format!("{shown:?}: bindings changed"));
+        }
+    }
+    assert_eq!(
+        lab.status_json(),
+        status,
+        "failed commands changed the status"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n\n")
+    );
+}
+
+#[test]
+fn labels_up_to_255_bytes_work() {
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new(&["192.0.2.0/24"]);
+    let label = "l".repeat(255);
+    let tcp = TcpEcho::new(&label, "127.0.0.1:0");
+    lab.register_fds(&label, &[tcp.fd()], None).ok();
+    lab.bind(&label, Proto::Tcp, "192.0.2.1", 0);
+    assert_answers(Proto::Tcp, "192.0.2.1:1", &label);
+    lab.ctl_ok(&["unbind", &label, "tcp", "192.0.2.1", "0"]);
+    lab.ctl_ok(&["unregister", &label, "ipv4", "tcp"]);
+}
+
+#[test]
+fn bindings_json_is_documented_shape() {
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new(&[]);
+    lab.bind("web", Proto::Tcp, "192.0.2.0/24", 80);
+    lab.bind("web", Proto::Udp, "2001:db8::1", 0);
+    let json = lab.bindings_json();
+    let rows = parse_bindings(&json);
+    assert_eq!(rows.len(), 2, "{json}");
+    // A bare address is a host prefix.
+    let host = rows
+        .iter()
+        .find(|r| r.protocol == Proto::Udp)
+        .expect("udp row");
+    assert_eq!((host.len, host.port), (128, 0), "{json}");
+    let net = rows
+        .iter()
+        .find(|r| r.protocol == Proto::Tcp)
+        .expect("tcp row");
+    assert_eq!(
+        (net.addr.to_string().as_str(), net.len, net.port),
+        ("192.0.2.0", 24, 80),
+        "{json}"
+    );
+    // Human output mentions every binding too.
+    let text = lab.ctl_ok(&["bindings"]).stdout;
+    assert!(
+        text.contains("192.0.2.0/24") && text.contains("web"),
+        "bindings output:\n{text}"
+    );
+    let status = lab.status_json();
+    assert_eq!(
+        status["bindings"], json["bindings"],
+        "status and bindings disagree"
+    );
+    // Bind is idempotent: the same binding again changes nothing.
+    lab.bind("web", Proto::Tcp, "192.0.2.0/24", 80);
+    assert_eq!(
+        lab.bindings_json(),
+        json,
+        "binding the same thing twice changed bindings"
+    );
+}
+
+#[test]
+fn control_path_comes_from_the_environment() {
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new(&[]);
+    lab.bind("web", Proto::Tcp, "192.0.2.0/24", 80);
+    let mut cmd = Command::new(bins::binary(bins::LOOKUPCTL));
+    cmd.args(["--json", "bindings"])
+        .env("LOOKUP_CONTROL", lab.control());
+    let out = run_with_timeout(&mut cmd, std::time::Duration::from_secs(20));
+    assert!(
+        out.status.success(),
+        "LOOKUP_CONTROL was not used:\n{}",
+        out.stderr
+    );
+    let json: serde_json::Value = serde_json::from_str(&out.stdout).expect("JSON");
+    assert_eq!(json, lab.bindings_json());
+}
