@@ -104,14 +104,15 @@ pub fn sockmap_update(map: BorrowedFd<'_>, index: u32, socket: BorrowedFd<'_>) -
     bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
 }
 
-/// Empties a sockmap slot. `Ok(false)` if it was already empty.
+/// Empties a sockmap slot. `Ok(false)` if it was already empty (a sockmap
+/// answers that with `EINVAL`, not `ENOENT`).
 pub fn sockmap_delete(map: BorrowedFd<'_>, index: u32) -> io::Result<bool> {
     let mut attr = Attr::new();
     attr.u32(0, map.as_raw_fd() as u32)
         .u64(8, ptr(&raw const index));
     match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
         Ok(_) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => Ok(false),
         Err(e) => Err(e),
     }
 }

@@ -43,7 +43,7 @@ const SCRUBBED_ENV: [&str; 4] = [
 /// A `lookupd` process in the test's network namespace.
 ///
 /// Runs `lookupd --bpffs <bpffs> --control <tmp>/lookupd.sock` with
-/// `RUST_LOG=debug`; its output goes to `<tmp>/lookupd.log`, which is
+/// `RUST_LOG=debug` (aya's own crates at info); its output goes to `<tmp>/lookupd.log`, which is
 /// printed if the test fails. Killed with SIGKILL on drop.
 #[derive(Debug)]
 pub struct Agent {
@@ -91,7 +91,9 @@ impl Agent {
             .arg(&self.bpffs)
             .arg("--control")
             .arg(&self.control)
-            .env("RUST_LOG", "debug")
+            // Debug for lookup itself; aya's loader debug output (feature
+            // probes, BTF fix-ups) would bury it.
+            .env("RUST_LOG", "debug,aya=info,aya_obj=info")
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))

@@ -29,7 +29,7 @@ pub mod process;
 pub mod sock;
 pub mod tmp;
 
-use std::{net::SocketAddr, ops::Deref};
+use std::{io::Write, net::SocketAddr, ops::Deref};
 
 pub use agent::{Agent, CtlOutput};
 pub use bindings::{BindingRow, first_match};
@@ -65,10 +65,13 @@ pub fn require_root() -> bool {
              namespaces, mount bpffs and load BPF, and CI=true forbids skipping it"
         );
     }
-    eprintln!(
+    // Straight to fd 2, not `eprintln!`: libtest captures the macros' output
+    // of passing tests, and a skip must be visible.
+    let _ = writeln!(
+        std::io::stderr(),
         "SKIPPED {test}: needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_BPF) for network \
-         namespaces, bpffs and BPF; run the suite as root (for example `sudo -E cargo test \
-         -p lookup-tests`)"
+         namespaces, bpffs and BPF; run the suite as root (for example `sudo -E cargo xtask \
+         test`)"
     );
     false
 }

@@ -130,6 +130,55 @@ pub fn pass_fds(cmd: &mut Command, fds: &[BorrowedFd<'_>]) -> Vec<OwnedFd> {
     high
 }
 
+/// A child process killed (SIGKILL) and reaped on drop, so a failing test
+/// leaves nothing running.
+#[derive(Debug)]
+pub struct ChildGuard {
+    child: Child,
+    exited: bool,
+}
+
+impl ChildGuard {
+    /// Takes charge of `child`.
+    pub fn adopt(child: Child) -> ChildGuard {
+        ChildGuard {
+            child,
+            exited: false,
+        }
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its piped stdout, once.
+    pub fn stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.stdout.take()
+    }
+
+    /// Its piped stderr, once.
+    pub fn stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.child.stderr.take()
+    }
+
+    /// Waits at most `timeout` for it to exit.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let status = wait_timeout(&mut self.child, timeout);
+        self.exited |= status.is_some();
+        status
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if !self.exited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// A process that does nothing but keep sockets open at fds 3, 4, ...
 /// (`sleep`), the target for `lookupctl register-pid`. Killed on drop.
 #[derive(Debug)]

@@ -216,3 +216,40 @@ fn control_path_comes_from_the_environment() {
     let json: serde_json::Value = serde_json::from_str(&out.stdout).expect("JSON");
     assert_eq!(json, lab.bindings_json());
 }
+
+#[test]
+fn status_filters_by_label_and_counts_bindings() {
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new(&[]);
+    lab.bind("web", Proto::Tcp, "192.0.2.0/24", 80);
+    lab.bind("web", Proto::Tcp, "192.0.2.0/24", 443);
+    lab.bind("api", Proto::Udp, "192.0.2.1", 53);
+
+    let all = lab.status_json();
+    assert_eq!(parse_bindings(&all).len(), 3, "{all}");
+    let web = lookup_tests::agent::expect_destination(&all, "web", "ipv4", Proto::Tcp);
+    assert_eq!(web["bindings"], 2, "{web}");
+    assert!(web["socket_cookie"].is_null(), "{web}");
+    let api = lookup_tests::agent::expect_destination(&all, "api", "ipv4", Proto::Udp);
+    assert_eq!(api["bindings"], 1, "{api}");
+
+    let only = lab.ctl_json(&["status", "web"]);
+    let rows = parse_bindings(&only);
+    assert!(
+        rows.len() == 2 && rows.iter().all(|r| r.label == "web"),
+        "status web shows other labels' bindings: {only}"
+    );
+    let dests = only["destinations"].as_array().expect("destinations");
+    assert!(
+        !dests.is_empty() && dests.iter().all(|d| d["label"] == "web"),
+        "status web shows other labels' destinations: {only}"
+    );
+    // The human form names the label too.
+    let text = lab.ctl_ok(&["status", "web"]).stdout;
+    assert!(
+        text.contains("web") && !text.contains("api"),
+        "status web:\n{text}"
+    );
+}

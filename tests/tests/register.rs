@@ -11,7 +11,7 @@ use std::{
     process::{Command, Stdio},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -22,7 +22,7 @@ use lookup_tests::{
     assert_answers, assert_refused, bins,
     client::dial,
     netns::in_other_netns,
-    process::{EchoSpec, wait_timeout},
+    process::{ChildGuard, EchoSpec},
     require_root, sa, sock,
 };
 use serde_json::Value;
@@ -116,10 +116,12 @@ fn register_replaces_the_socket_atomically() {
     // Keep dialling through the swap: every attempt must be answered, first
     // by the old server, then by the new one, never refused in between.
     let stop = Arc::new(AtomicBool::new(false));
+    let counts: Vec<Arc<AtomicUsize>> = Proto::ALL.iter().map(|_| Arc::default()).collect();
     let dialers: Vec<_> = Proto::ALL
         .into_iter()
-        .map(|proto| {
-            let stop = stop.clone();
+        .zip(&counts)
+        .map(|(proto, count)| {
+            let (stop, count) = (stop.clone(), count.clone());
             // Spawned from the test thread, so in the test's netns.
             std::thread::spawn(move || {
                 let mut seen: Vec<Result<String, String>> = Vec::new();
@@ -128,17 +130,32 @@ fn register_replaces_the_socket_atomically() {
                     if seen.last() != Some(&r) {
                         seen.push(r);
                     }
+                    count.fetch_add(1, Ordering::Relaxed);
                 }
                 seen
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(100));
+    // Enough dials on each side of the swap, however the threads are
+    // scheduled.
+    let wait_for_dials = |floor: &[usize]| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while counts
+            .iter()
+            .zip(floor)
+            .any(|(c, f)| c.load(Ordering::Relaxed) < f + 20)
+        {
+            assert!(std::time::Instant::now() < deadline, "dialers stalled");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_for_dials(&[0, 0]);
     let new_tcp = TcpEcho::new("new", "127.0.0.1:0");
     let new_udp = UdpEcho::new("new", "127.0.0.1:0");
     lab.register_fds("web", &[new_tcp.fd(), new_udp.fd()], None)
         .ok();
-    std::thread::sleep(Duration::from_millis(100));
+    let after: Vec<usize> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    wait_for_dials(&after);
     stop.store(true, Ordering::Relaxed);
     for (proto, d) in Proto::ALL.into_iter().zip(dialers) {
         let seen = d.join().expect("dialer thread");
@@ -494,7 +511,38 @@ fn register_pid_refuses_unusable_sockets() {
 }
 
 #[test]
-fn systemd_socket_activate_then_service_keeps_the_socket() {
+fn systemd_socket_activate_tcp() {
+    socket_activate(Proto::Tcp);
+}
+
+#[test]
+fn systemd_socket_activate_udp() {
+    socket_activate(Proto::Udp);
+}
+
+/// Kills, on drop, the process whose pid is in a pidfile (if written).
+struct KillPidfile(std::path::PathBuf);
+
+impl KillPidfile {
+    fn pid(&self) -> Option<i32> {
+        std::fs::read_to_string(&self.0).ok()?.trim().parse().ok()
+    }
+}
+
+impl Drop for KillPidfile {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// The real `systemd-socket-activate` passes a socket to `lookupctl
+/// register`, while the service it activates keeps the socket open.
+fn socket_activate(proto: Proto) {
     if !require_root() {
         return;
     }
@@ -503,32 +551,35 @@ fn systemd_socket_activate_then_service_keeps_the_socket() {
         return;
     };
     let lab = Lab::new(&["192.0.2.0/24"]);
-    // systemd-socket-activate binds, waits for the first connection, then
-    // execs its command in place, so LISTEN_PID names the shell. The shell
-    // starts the service in the background (it inherits the socket and
-    // keeps it) and then becomes `lookupctl register`, which exits once the
-    // agent has the socket.
-    let pidfile = lab.tmp.join("activated.pid");
+    // systemd-socket-activate binds, waits until the socket is readable,
+    // then execs its command in place, so LISTEN_PID names the shell. The
+    // shell starts the service in the background (it inherits the socket
+    // and keeps it) and then becomes `lookupctl register`, which exits once
+    // the agent has the socket.
+    let service = KillPidfile(lab.tmp.join("activated.pid"));
     let script = r#"
         "$1" --name activated --listen-fds --pidfile "$2" >/dev/null 2>&1 &
         exec "$3" --control "$4" register activated
     "#;
     let mut cmd = Command::new(tool);
-    cmd.arg("--listen=127.0.0.1:7070")
-        .arg("--fdname=web")
-        .arg("/bin/sh")
+    cmd.arg("--listen=127.0.0.1:7070").arg("--fdname=web");
+    if proto == Proto::Udp {
+        cmd.arg("--datagram");
+    }
+    cmd.arg("/bin/sh")
         .arg("-c")
         .arg(script)
         .arg("sh")
         .arg(bins::binary(bins::ECHO_SERVER))
-        .arg(&pidfile)
+        .arg(&service.0)
         .arg(bins::binary(bins::LOOKUPCTL))
         .arg(lab.control())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn systemd-socket-activate");
-    let mut err = BufReader::new(child.stderr.take().expect("piped"));
+    let child = cmd.spawn().expect("spawn systemd-socket-activate");
+    let mut child = ChildGuard::adopt(child);
+    let mut err = BufReader::new(child.stderr().expect("piped"));
     let mut line = String::new();
     err.read_line(&mut line)
         .expect("read systemd-socket-activate stderr");
@@ -537,40 +588,40 @@ fn systemd_socket_activate_then_service_keeps_the_socket() {
         "unexpected first line: {line:?}"
     );
 
-    // The trigger connection waits in the backlog and is answered by the
-    // service once it runs.
-    assert_answers(Proto::Tcp, "127.0.0.1:7070", "activated");
-    let status = wait_timeout(&mut child, Duration::from_secs(20))
+    // The trigger waits in the socket and is answered by the service once
+    // it runs.
+    assert_answers(proto, "127.0.0.1:7070", "activated");
+    let status = child
+        .wait(Duration::from_secs(20))
         .expect("lookupctl register (via systemd-socket-activate) did not exit");
     let mut rest = String::new();
     let _ = std::io::Read::read_to_string(&mut err, &mut rest);
-    let mut out = String::new();
-    let _ = std::io::Read::read_to_string(&mut child.stdout.take().expect("piped"), &mut out);
+    let out = child.stdout().map_or_else(String::new, |mut o| {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut o, &mut s);
+        s
+    });
     assert!(
         status.success(),
         "register failed ({status}):\nstdout:\n{out}\nstderr:\n{line}{rest}"
     );
 
-    lab.bind("activated", Proto::Tcp, "192.0.2.0/24", 443);
-    assert_answers(Proto::Tcp, "192.0.2.1:443", "activated");
-    let d = expect_destination(&lab.status_json(), "activated", "ipv4", Proto::Tcp).clone();
+    lab.bind("activated", proto, "192.0.2.0/24", 443);
+    assert_answers(proto, "192.0.2.1:443", "activated");
+    let d = expect_destination(&lab.status_json(), "activated", "ipv4", proto).clone();
     assert!(d["socket_cookie"].is_u64(), "no socket registered: {d}");
 
     // Neither lookupctl nor the agent kept a copy: once the service is gone,
     // so is the socket.
-    let pid: i32 = std::fs::read_to_string(&pidfile)
-        .expect("service pidfile")
-        .trim()
-        .parse()
-        .expect("pid");
+    let pid = service.pid().expect("service pidfile");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
     )
     .expect("kill the activated service");
     wait_gone(pid);
-    assert_refused(Proto::Tcp, "192.0.2.1:443");
-    assert_refused(Proto::Tcp, "127.0.0.1:7070");
+    assert_refused(proto, "192.0.2.1:443");
+    assert_refused(proto, "127.0.0.1:7070");
 }
 
 /// Waits (bounded) until `pid` has exited. It was re-parented away from us,
@@ -602,4 +653,55 @@ fn which(tool: &str) -> Option<std::path::PathBuf> {
             .map(|d| d.join(tool))
             .find(|p| p.is_file())
     })
+}
+
+/// A TCP listener with `SO_REUSEPORT` on `addr`.
+fn reuseport_listener(addr: SocketAddr) -> OwnedFd {
+    let fd = sock::socket(sock::domain_of(&addr), libc::SOCK_STREAM, 0).expect("socket");
+    sock::set_opt(&fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1).expect("SO_REUSEPORT");
+    sock::bind(&fd, addr).expect("bind");
+    sock::listen(&fd).expect("listen");
+    fd
+}
+
+#[test]
+fn register_takes_one_socket_per_destination() {
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new(&["192.0.2.0/24"]);
+    let before = lab.status_json();
+    // Two unrelated IPv4 TCP listeners for one label: ambiguous.
+    let a = TcpEcho::new("a", "127.0.0.1:0");
+    let b = TcpEcho::new("b", "127.0.0.1:0");
+    let out = lab.register_fds("web", &[a.fd(), b.fd()], Some(&["a.socket", "b.socket"]));
+    check_refused(
+        &lab,
+        "two IPv4 TCP listeners for one label",
+        out,
+        &["one socket", "both"],
+        &before,
+    );
+
+    // The names systemd gave the sockets (LISTEN_FDNAMES) appear in errors.
+    let bad = sock::udp_connected(sa("127.0.0.1:0"), sa("127.0.0.1:9")).expect("udp");
+    let out = lab.register_fds("web", &[bad.as_fd()], Some(&["dns.socket"]));
+    check_refused(
+        &lab,
+        "connected UDP named dns.socket",
+        out,
+        &["dns.socket"],
+        &before,
+    );
+
+    // Members of one SO_REUSEPORT group are one service: accepted.
+    let first = reuseport_listener(sa("127.0.0.1:0"));
+    let second = reuseport_listener(sock::local_addr(&first).expect("bound"));
+    lab.register_fds("group", &[first.as_fd(), second.as_fd()], None)
+        .ok();
+    let d = expect_destination(&lab.status_json(), "group", "ipv4", Proto::Tcp).clone();
+    assert!(
+        d["socket_cookie"].is_u64(),
+        "reuseport group not registered: {d}"
+    );
 }

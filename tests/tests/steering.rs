@@ -482,3 +482,81 @@ fn unregister_refuses_traffic_and_rejects_absent_destinations() {
         assert_answers(proto, "192.0.2.5:80", "web");
     }
 }
+
+#[test]
+fn socket_that_turns_bad_is_refused_and_counted() {
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new(&["192.0.2.0/24"]);
+    let udp = UdpEcho::new("web", "127.0.0.1:0");
+    lab.register_fds("web", &[udp.fd()], None).ok();
+    lab.bind("web", Proto::Udp, "192.0.2.0/24", 53);
+    assert_answers(Proto::Udp, "192.0.2.1:53", "web");
+
+    // Registration checked the socket, but its owner can still connect it
+    // afterwards; the kernel then refuses to assign it, and the data plane
+    // must refuse the datagram and count why.
+    lookup_tests::sock::connect(udp.fd(), sa("127.0.0.1:9")).expect("connect the server socket");
+    assert_refused(Proto::Udp, "192.0.2.1:53");
+    let status = lab.status_json();
+    let d = expect_destination(&status, "web", "ipv4", Proto::Udp);
+    assert!(
+        d["socket_cookie"].is_u64(),
+        "the connected socket is still in the sockmap: {d}"
+    );
+    assert!(
+        metric(d, "errors_state") >= 1,
+        "a connected socket is counted as errors_state: {d}"
+    );
+    assert_eq!(
+        metric(d, "misses"),
+        0,
+        "not a miss: the socket is there: {d}"
+    );
+    for e in ["errors_family", "errors_protocol", "errors_other"] {
+        assert_eq!(metric(d, e), 0, "wrong reason counted: {d}");
+    }
+}
+
+#[test]
+fn unbind_falls_back_and_bind_moves_a_binding() {
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new(&["192.0.2.0/24"]);
+    let _a = Service::start(&lab, "a", "127.0.0.1");
+    let _b = Service::start(&lab, "b", "127.0.0.1");
+    for proto in Proto::ALL {
+        lab.bind("a", proto, "192.0.2.0/24", 0);
+        lab.bind("b", proto, "192.0.2.1", 0);
+        assert_answers(proto, "192.0.2.1:80", "b");
+        assert_answers(proto, "192.0.2.2:80", "a");
+    }
+    // Without the more specific binding, the wider one takes over.
+    for proto in Proto::ALL {
+        lab.ctl_ok(&["unbind", "b", proto.as_str(), "192.0.2.1", "0"]);
+        assert_answers(proto, "192.0.2.1:80", "a");
+    }
+    // Binding an existing (protocol, prefix, port) to another label moves it.
+    for proto in Proto::ALL {
+        lab.bind("b", proto, "192.0.2.0/24", 0);
+        assert_answers(proto, "192.0.2.1:80", "b");
+        assert_answers(proto, "192.0.2.2:80", "b");
+    }
+    let rows = parse_bindings(&lab.bindings_json());
+    assert_eq!(
+        rows.len(),
+        2,
+        "one binding per protocol after the move: {rows:#?}"
+    );
+    assert!(rows.iter().all(|r| r.label == "b"), "{rows:#?}");
+    let status = lab.status_json();
+    for proto in Proto::ALL {
+        let b = expect_destination(&status, "b", "ipv4", proto);
+        assert_eq!(b["bindings"], 1, "{b}");
+        if let Some(a) = lookup_tests::agent::destination(&status, "a", "ipv4", proto) {
+            assert_eq!(a["bindings"], 0, "a lost its only binding: {a}");
+        }
+    }
+}

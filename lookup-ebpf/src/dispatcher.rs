@@ -1,0 +1,173 @@
+//! The program, its maps and the lookup sequence.
+
+use core::{cell::UnsafeCell, ptr};
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SOCKMAP, bpf_sk_lookup, sk_action::SK_DROP,
+        sk_action::SK_PASS,
+    },
+    helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release},
+    macros::{map, sk_lookup},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    programs::SkLookupContext,
+};
+use lookup_common::{
+    BindingKey, BindingValue, DestinationMetrics, DestinationRecord, FAMILY_V4, FAMILY_V6,
+    KEY_HEADER_BITS, MAX_BINDINGS, MAX_DESTINATIONS, Meta,
+};
+
+const EAFNOSUPPORT: i64 = 97;
+const EPROTOTYPE: i64 = 91;
+const ESOCKTNOSUPPORT: i64 = 94;
+const BPF_F_NO_PREALLOC: u32 = 1;
+const PIN_BY_NAME: u32 = 1;
+
+#[map(name = "LOOKUP_HOSTS")]
+static HOSTS: HashMap<BindingKey, BindingValue> = HashMap::pinned(MAX_BINDINGS, BPF_F_NO_PREALLOC);
+
+#[map(name = "LOOKUP_PREFIXES")]
+static PREFIXES: LpmTrie<BindingKey, BindingValue> = LpmTrie::pinned(MAX_BINDINGS, 0);
+
+#[map(name = "LOOKUP_METRICS")]
+static METRICS: PerCpuArray<DestinationMetrics> = PerCpuArray::pinned(MAX_DESTINATIONS, 0);
+
+// Never read here: declared so the agent's records live and are pinned with
+// the rest of the state.
+#[map(name = "LOOKUP_DESTS")]
+static DESTINATIONS: Array<DestinationRecord> = Array::pinned(MAX_DESTINATIONS, 0);
+
+#[map(name = "LOOKUP_META")]
+static META: Array<Meta> = Array::pinned(1, 0);
+
+/// A sockmap with 8-byte values. aya-ebpf's `SockMap` fixes the value at 4
+/// bytes, and with 4-byte values the kernel will not report socket cookies to
+/// user space, which the agent needs to show what is registered.
+#[repr(transparent)]
+struct SockMap64(UnsafeCell<bpf_map_def>);
+
+// SAFETY: the definition is only read by the loader; the program passes its
+// address to helpers and never writes through it.
+unsafe impl Sync for SockMap64 {}
+
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = "LOOKUP_SOCKETS")]
+static SOCKETS: SockMap64 = SockMap64(UnsafeCell::new(bpf_map_def {
+    type_: BPF_MAP_TYPE_SOCKMAP,
+    key_size: 4,
+    value_size: 8,
+    max_entries: MAX_DESTINATIONS,
+    map_flags: 0,
+    id: 0,
+    pinning: PIN_BY_NAME,
+}));
+
+#[sk_lookup]
+pub fn lookup_dispatcher(ctx: SkLookupContext) -> u32 {
+    // Force the otherwise unreferenced control-plane maps into the object.
+    let _ = (&raw const DESTINATIONS, &raw const META);
+    dispatch(&ctx)
+}
+
+#[inline(always)]
+fn dispatch(ctx: &SkLookupContext) -> u32 {
+    let lookup: *const bpf_sk_lookup = ctx.lookup;
+    // Every field is loaded unconditionally: a load behind a branch can be
+    // merged by LLVM into one variable-offset context load, which the verifier
+    // rejects.
+    let (family, protocol, port, ip4, ip6) = unsafe {
+        (
+            ptr::read_volatile(&raw const (*lookup).family),
+            ptr::read_volatile(&raw const (*lookup).protocol),
+            ptr::read_volatile(&raw const (*lookup).local_port),
+            ptr::read_volatile(&raw const (*lookup).local_ip4),
+            [
+                ptr::read_volatile(&raw const (*lookup).local_ip6[0]),
+                ptr::read_volatile(&raw const (*lookup).local_ip6[1]),
+                ptr::read_volatile(&raw const (*lookup).local_ip6[2]),
+                ptr::read_volatile(&raw const (*lookup).local_ip6[3]),
+            ],
+        )
+    };
+
+    let mut key = BindingKey {
+        protocol: protocol as u8,
+        family: family as u8,
+        port: (port as u16).to_be_bytes(),
+        addr: [0; 16],
+    };
+    let addr_bits = if family == u32::from(FAMILY_V4) {
+        key.addr[..4].copy_from_slice(&ip4.to_ne_bytes());
+        32
+    } else if family == u32::from(FAMILY_V6) {
+        key.addr[0..4].copy_from_slice(&ip6[0].to_ne_bytes());
+        key.addr[4..8].copy_from_slice(&ip6[1].to_ne_bytes());
+        key.addr[8..12].copy_from_slice(&ip6[2].to_ne_bytes());
+        key.addr[12..16].copy_from_slice(&ip6[3].to_ne_bytes());
+        128
+    } else {
+        return SK_PASS;
+    };
+
+    // Host bindings: the specific port, then every port.
+    if let Some(binding) = unsafe { HOSTS.get(key) } {
+        return steer(ctx, binding.destination);
+    }
+    let port_bytes = key.port;
+    key.port = [0, 0];
+    if let Some(binding) = unsafe { HOSTS.get(key) } {
+        return steer(ctx, binding.destination);
+    }
+
+    // Wider prefixes: the longest match on the specific port, and on every
+    // port; the wildcard wins only with a strictly longer prefix.
+    let wildcard = PREFIXES.get(Key::new(KEY_HEADER_BITS + addr_bits, key));
+    key.port = port_bytes;
+    let specific = PREFIXES.get(Key::new(KEY_HEADER_BITS + addr_bits, key));
+    let chosen = match (specific, wildcard) {
+        (Some(s), Some(w)) if w.prefix_len > s.prefix_len => w,
+        (Some(s), _) => s,
+        (None, Some(w)) => w,
+        (None, None) => return SK_PASS,
+    };
+    steer(ctx, chosen.destination)
+}
+
+#[inline(always)]
+fn steer(ctx: &SkLookupContext, destination: u32) -> u32 {
+    let Some(metrics) = METRICS.get_ptr_mut(destination) else {
+        return SK_DROP;
+    };
+    // SAFETY: a per-CPU slot; nothing else on this CPU runs concurrently.
+    let metrics = unsafe { &mut *metrics };
+    metrics.lookups += 1;
+
+    let sk =
+        unsafe { bpf_map_lookup_elem(SOCKETS.0.get().cast(), (&raw const destination).cast()) };
+    if sk.is_null() {
+        // A binding reserves its addresses even while its service is down.
+        metrics.misses += 1;
+        return SK_DROP;
+    }
+    let err = unsafe { bpf_sk_assign(ctx.as_ptr().cast(), sk.cast(), 0) };
+    unsafe { bpf_sk_release(sk.cast()) };
+    match err {
+        0 => return SK_PASS,
+        e if e == -EAFNOSUPPORT => metrics.errors_family += 1,
+        e if e == -EPROTOTYPE => metrics.errors_protocol += 1,
+        e if e == -ESOCKTNOSUPPORT => metrics.errors_state += 1,
+        _ => metrics.errors_other += 1,
+    }
+    SK_DROP
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
