@@ -156,7 +156,7 @@ pub enum Error {
     },
     /// Two different sockets for one destination.
     #[error(
-        "{first} and {second} are both {family} {protocol} sockets for label {label:?} but not one SO_REUSEPORT group: register one socket per label, family and protocol"
+        "{first} and {second} are both {family} {protocol} sockets for label {label} but not one SO_REUSEPORT group: register one socket per label, family and protocol"
     )]
     DuplicateSockets {
         /// Label.
@@ -174,7 +174,7 @@ pub enum Error {
     #[error("no sockets to register")]
     NoSockets,
     /// `unregister` of a destination without a socket.
-    #[error("label {label:?} has no registered {family} {protocol} socket")]
+    #[error("label {label} has no registered {family} {protocol} socket")]
     NotRegistered {
         /// Label.
         label: Label,

@@ -2,8 +2,8 @@
 //!
 //! `lookupd` and `lookupctl` belong to another package, so Cargo does not
 //! build them for `cargo test -p lookup-tests`; they must already be built
-//! (`cargo build --workspace --exclude lookup-ebpf --bins`, which `cargo
-//! xtask test` runs first and then points `LOOKUP_BIN_DIR` at).
+//! (`cargo build --workspace`; `cargo xtask test` builds them and points
+//! `LOOKUP_BIN_DIR` at them).
 
 use std::path::{Path, PathBuf};
 
@@ -59,8 +59,8 @@ pub fn binary(name: &str) -> PathBuf {
         }
     }
     panic!(
-        "binary `{name}` not found in {dirs:?}: build the binaries first with `cargo xtask \
-         build` or `cargo build --workspace --exclude lookup-ebpf --bins` (or point \
-         LOOKUP_BIN_DIR at the directory holding lookupd, lookupctl and echo-server)"
+        "binary `{name}` not found in {dirs:?}: run `cargo build --workspace` first (`cargo \
+         xtask test` does), or point LOOKUP_BIN_DIR at the directory holding lookupd, \
+         lookupctl and echo-server"
     );
 }

@@ -624,24 +624,43 @@ fn socket_activate(proto: Proto) {
     assert_refused(proto, "127.0.0.1:7070");
 }
 
-/// Waits (bounded) until `pid` has exited. It was re-parented away from us,
-/// so we cannot reap it; a zombie has already closed its descriptors, which
-/// is all that matters here.
+/// Waits (bounded) until every thread of process `pid` has exited.
+///
+/// It was re-parented away from us, so we cannot reap it. A zombie leader is
+/// not enough: the leader turns zombie while its other threads may still be
+/// exiting, and the descriptors close only when the last thread is done.
+/// Exited threads other than the leader vanish from `/proc/<pid>/task`.
 fn wait_gone(pid: i32) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let state = |path: &str| {
+        std::fs::read_to_string(path).ok().and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, r)| r.trim_start().chars().next())
+        })
+    };
     loop {
-        let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                s.rsplit_once(')')
-                    .and_then(|(_, r)| r.trim_start().chars().next())
-            });
-        if matches!(state, None | Some('Z' | 'X')) {
+        let live: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|dir| {
+                dir.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|tid| {
+                        !matches!(
+                            state(&format!("/proc/{pid}/task/{tid}/stat")),
+                            None | Some('Z' | 'X')
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let others = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|dir| dir.count())
+            .unwrap_or(0);
+        if live.is_empty() && others <= 1 {
             return;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "pid {pid} did not exit after SIGKILL"
+            "pid {pid} still has threads {live:?} after SIGKILL"
         );
         std::thread::sleep(Duration::from_millis(5));
     }
