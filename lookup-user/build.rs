@@ -67,6 +67,12 @@ fn main() -> Result<()> {
         unsafe { env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf") };
     }
 
+    // aya-build passes the nested cargo's stderr through as build-script
+    // warnings; without this every build prints ~35 "warning: Compiling"
+    // lines that are progress, not problems. Errors still come through.
+    // SAFETY: build scripts are single-threaded.
+    unsafe { env::set_var("CARGO_TERM_QUIET", "true") };
+
     let root = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").context("no manifest dir")?);
     let ebpf_dir = root.join("../lookup-ebpf");
     let ebpf_dir = ebpf_dir.to_str().context("non-UTF-8 path")?;

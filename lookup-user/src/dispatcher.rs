@@ -170,6 +170,9 @@ pub enum Error {
         /// Second socket.
         second: String,
     },
+    /// `status` of a label that has neither bindings nor sockets.
+    #[error("unknown label {0:?}: no bindings and no registered sockets")]
+    UnknownLabel(String),
     /// `register` without sockets.
     #[error("no sockets to register")]
     NoSockets,
@@ -981,6 +984,12 @@ impl Dispatcher {
                 bindings: refs,
                 metrics: self.metrics(id)?,
             });
+        }
+        if let Some(l) = label
+            && bindings.is_empty()
+            && destinations.is_empty()
+        {
+            return Err(Error::UnknownLabel(l.to_string()));
         }
         destinations.sort_by(|a, b| {
             (&a.label, a.family, a.protocol).cmp(&(&b.label, b.family, b.protocol))

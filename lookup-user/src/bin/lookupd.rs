@@ -8,7 +8,7 @@ use lookup::agent::{self, Config};
 /// Loads the sk_lookup dispatcher into a network namespace (or reopens the
 /// one pinned there) and serves the control socket that lookupctl talks to.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(name = "lookupd", version)]
 struct Args {
     /// Network namespace to serve.
     #[arg(long, default_value = "/proc/self/ns/net", value_name = "PATH")]

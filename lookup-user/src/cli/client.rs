@@ -11,12 +11,14 @@ use crate::proto::{self, Request, Response};
 /// Talks to one agent.
 pub struct Client {
     path: PathBuf,
+    json: bool,
 }
 
 impl Client {
-    /// A client of the agent listening at `path`.
-    pub fn new(path: PathBuf) -> Self {
-        Self { path }
+    /// A client of the agent listening at `path`; `json` selects the output
+    /// of [`Client::change`].
+    pub fn new(path: PathBuf, json: bool) -> Self {
+        Self { path, json }
     }
 
     /// Sends a request (with `fds` attached) and waits for the answer.
@@ -54,6 +56,13 @@ impl Client {
     /// Sends a request that changes state and prints what it did.
     pub fn change(&self, request: &Request, fds: &[BorrowedFd<'_>]) -> Result<(), String> {
         match self.call(request, fds)? {
+            Response::Done { messages } if self.json => {
+                let text =
+                    serde_json::to_string_pretty(&serde_json::json!({ "messages": messages }))
+                        .map_err(|e| e.to_string())?;
+                println!("{text}");
+                Ok(())
+            }
             Response::Done { messages } => {
                 for m in messages {
                     println!("{m}");

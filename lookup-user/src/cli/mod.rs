@@ -14,7 +14,7 @@ pub use client::Client;
 
 /// Changes and shows sk_lookup steering through lookupd.
 #[derive(Parser, Debug)]
-#[command(name = "lookupctl", version, about)]
+#[command(name = "lookupctl", version)]
 pub struct Cli {
     /// Control socket of lookupd.
     #[arg(
@@ -25,7 +25,7 @@ pub struct Cli {
         value_name = "PATH"
     )]
     pub control: PathBuf,
-    /// Print read commands' output as JSON.
+    /// Print output as JSON (for write commands: what was done).
     #[arg(long, global = true)]
     pub json: bool,
     #[command(subcommand)]
@@ -111,7 +111,7 @@ pub fn main() -> ExitCode {
 
 /// Runs one parsed command.
 pub fn run(cli: Cli) -> CmdResult {
-    let client = Client::new(cli.control.clone());
+    let client = Client::new(cli.control.clone(), cli.json);
     match cli.command {
         Command::Bind {
             label,
