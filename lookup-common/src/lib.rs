@@ -11,14 +11,19 @@
 pub const MAGIC: u64 = 0x6c6f_6f6b_7570_0001; // "lookup\0\x01"
 
 /// Version of the map layout. Bump on any change to a shared type or map.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Names of the maps, as they appear in the ELF object and as pin file names.
 pub mod map_names {
     /// Exact-match table for host bindings (/32 and /128).
     pub const HOSTS: &str = "LOOKUP_HOSTS";
-    /// Longest-prefix-match table for every binding wider than a host.
+    /// Longest-prefix-match trie of every prefix wider than a host that
+    /// carries a binding; each node names a port table.
     pub const PREFIXES: &str = "LOOKUP_PREFIXES";
+    /// Port tables of the trie's prefixes, computed by the agent.
+    pub const PORTS: &str = "LOOKUP_PORTS";
+    /// Control-plane only: the bindings wider than a host, as bound.
+    pub const WIDE: &str = "LOOKUP_WIDE";
     /// Sockmap: destination id to socket.
     pub const SOCKETS: &str = "LOOKUP_SOCKETS";
     /// Per-CPU counters per destination.
@@ -32,8 +37,11 @@ pub mod map_names {
 /// Name of the `sk_lookup` program in the ELF object.
 pub const PROGRAM_NAME: &str = "lookup_dispatcher";
 
-/// Most bindings each of the two binding tables holds.
+/// Most host bindings, and most wider bindings.
 pub const MAX_BINDINGS: u32 = 1 << 20;
+/// Most port-table entries (a wide binding's port is repeated in the
+/// table of every prefix below it that it wins for).
+pub const MAX_PORT_ENTRIES: u32 = 1 << 22;
 /// Most destinations (label, family, protocol); also the sockmap size.
 pub const MAX_DESTINATIONS: u32 = 1024;
 /// Longest label, in bytes.
@@ -84,14 +92,51 @@ pub struct BindingValue {
     pub prefix_len: u32,
 }
 
-/// The key of [`map_names::PREFIXES`]: an LPM trie key over [`BindingKey`].
+/// The key of [`map_names::WIDE`]: a binding wider than a host, as bound.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrefixKey {
-    /// [`KEY_HEADER_BITS`] plus the address prefix length.
+    /// The address prefix length.
     pub prefix_len: u32,
     /// The key bits; bits past `prefix_len` are zero.
     pub key: BindingKey,
+}
+
+/// `PrefixValue::default_destination` when no port 0 binding applies.
+pub const NO_DESTINATION: u32 = u32::MAX;
+
+/// The value of a trie node: which port table to consult and what every
+/// port that table does not list gets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefixValue {
+    /// Key space of this prefix in [`map_names::PORTS`].
+    pub table: u32,
+    /// Destination for ports without an entry, or [`NO_DESTINATION`].
+    pub default_destination: u32,
+}
+
+/// The key of [`map_names::PORTS`]: a port in one prefix's table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortKey {
+    /// [`PrefixValue::table`] of the prefix.
+    pub table: u32,
+    /// Destination port, host order; never 0 (that is the default).
+    pub port: u16,
+    /// Explicit padding; zero.
+    pub _pad: u16,
+}
+
+impl PortKey {
+    /// The entry for `port` in `table`.
+    pub const fn new(table: u32, port: u16) -> Self {
+        Self {
+            table,
+            port,
+            _pad: 0,
+        }
+    }
 }
 
 /// Per-destination counters, one copy per CPU.
@@ -148,6 +193,8 @@ const _: () = {
     assert!(core::mem::size_of::<DestinationMetrics>() == 48);
     assert!(core::mem::size_of::<DestinationRecord>() == 260);
     assert!(core::mem::size_of::<Meta>() == 16);
+    assert!(core::mem::size_of::<PrefixValue>() == 8);
+    assert!(core::mem::size_of::<PortKey>() == 8);
     assert!(KEY_HEADER_BITS as usize == 8 * 4);
 };
 
@@ -161,4 +208,6 @@ mod pod {
     unsafe impl aya::Pod for super::DestinationMetrics {}
     unsafe impl aya::Pod for super::DestinationRecord {}
     unsafe impl aya::Pod for super::Meta {}
+    unsafe impl aya::Pod for super::PrefixValue {}
+    unsafe impl aya::Pod for super::PortKey {}
 }

@@ -15,7 +15,8 @@ use aya_ebpf::{
 };
 use lookup_common::{
     BindingKey, BindingValue, DestinationMetrics, DestinationRecord, FAMILY_V4, FAMILY_V6,
-    KEY_HEADER_BITS, MAX_BINDINGS, MAX_DESTINATIONS, Meta,
+    KEY_HEADER_BITS, MAX_BINDINGS, MAX_DESTINATIONS, MAX_PORT_ENTRIES, Meta, NO_DESTINATION,
+    PortKey, PrefixKey, PrefixValue,
 };
 
 const EAFNOSUPPORT: i64 = 97;
@@ -28,7 +29,14 @@ const PIN_BY_NAME: u32 = 1;
 static HOSTS: HashMap<BindingKey, BindingValue> = HashMap::pinned(MAX_BINDINGS, BPF_F_NO_PREALLOC);
 
 #[map(name = "LOOKUP_PREFIXES")]
-static PREFIXES: LpmTrie<BindingKey, BindingValue> = LpmTrie::pinned(MAX_BINDINGS, 0);
+static PREFIXES: LpmTrie<BindingKey, PrefixValue> = LpmTrie::pinned(MAX_BINDINGS, 0);
+
+#[map(name = "LOOKUP_PORTS")]
+static PORTS: HashMap<PortKey, u32> = HashMap::pinned(MAX_PORT_ENTRIES, BPF_F_NO_PREALLOC);
+
+// Never read here, like the two below.
+#[map(name = "LOOKUP_WIDE")]
+static WIDE: HashMap<PrefixKey, u32> = HashMap::pinned(MAX_BINDINGS, BPF_F_NO_PREALLOC);
 
 #[map(name = "LOOKUP_METRICS")]
 static METRICS: PerCpuArray<DestinationMetrics> = PerCpuArray::pinned(MAX_DESTINATIONS, 0);
@@ -66,7 +74,7 @@ static SOCKETS: SockMap64 = SockMap64(UnsafeCell::new(bpf_map_def {
 #[sk_lookup]
 pub fn lookup_dispatcher(ctx: SkLookupContext) -> u32 {
     // Force the otherwise unreferenced control-plane maps into the object.
-    let _ = (&raw const DESTINATIONS, &raw const META);
+    let _ = (&raw const DESTINATIONS, &raw const META, &raw const WIDE);
     dispatch(&ctx)
 }
 
@@ -114,24 +122,24 @@ fn dispatch(ctx: &SkLookupContext) -> u32 {
     if let Some(binding) = unsafe { HOSTS.get(key) } {
         return steer(ctx, binding.destination);
     }
-    let port_bytes = key.port;
     key.port = [0, 0];
     if let Some(binding) = unsafe { HOSTS.get(key) } {
         return steer(ctx, binding.destination);
     }
 
-    // Wider prefixes: the longest match on the specific port, and on every
-    // port; the wildcard wins only with a strictly longer prefix.
-    let wildcard = PREFIXES.get(Key::new(KEY_HEADER_BITS + addr_bits, key));
-    key.port = port_bytes;
-    let specific = PREFIXES.get(Key::new(KEY_HEADER_BITS + addr_bits, key));
-    let chosen = match (specific, wildcard) {
-        (Some(s), Some(w)) if w.prefix_len > s.prefix_len => w,
-        (Some(s), _) => s,
-        (None, Some(w)) => w,
-        (None, None) => return SK_PASS,
+    // Wider prefixes: the longest prefix that carries a binding, then its
+    // port table (the agent resolved precedence when it wrote the table).
+    let Some(prefix) = PREFIXES.get(Key::new(KEY_HEADER_BITS + addr_bits, key)) else {
+        return SK_PASS;
     };
-    steer(ctx, chosen.destination)
+    let entry = PortKey::new(prefix.table, port as u16);
+    if let Some(&destination) = unsafe { PORTS.get(entry) } {
+        return steer(ctx, destination);
+    }
+    if prefix.default_destination != NO_DESTINATION {
+        return steer(ctx, prefix.default_destination);
+    }
+    SK_PASS
 }
 
 #[inline(always)]

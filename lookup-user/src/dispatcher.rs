@@ -25,8 +25,9 @@ use aya::{
     util::nr_cpus,
 };
 use lookup_common::{
-    BindingKey, BindingValue, DestinationMetrics, DestinationRecord, LAYOUT_VERSION, MAGIC,
-    MAX_DESTINATIONS, MAX_LABEL_LEN, Meta, PROGRAM_NAME, map_names,
+    BindingKey, BindingValue, DestinationMetrics, DestinationRecord, KEY_HEADER_BITS,
+    LAYOUT_VERSION, MAGIC, MAX_DESTINATIONS, MAX_LABEL_LEN, Meta, PROGRAM_NAME, PortKey, PrefixKey,
+    PrefixValue, map_names,
 };
 use nix::fcntl::{Flock, FlockArg};
 use tracing::{debug, info, warn};
@@ -36,6 +37,7 @@ use crate::{
     proto::{DestinationStatus, Metrics, Status},
     socket::{self, SocketInfo},
     sys,
+    table::{Op, Tables},
 };
 
 /// The dispatcher object, built by `lookup-user/build.rs`.
@@ -190,6 +192,29 @@ pub enum Error {
 
 type Result<T, E = Error> = std::result::Result<T, E>;
 
+fn is_full(e: &MapError) -> bool {
+    matches!(e, MapError::SyscallError(s)
+        if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)))
+}
+
+fn full_or(e: MapError, selector: &Selector) -> Error {
+    if is_full(&e) {
+        Error::TableFull(*selector)
+    } else {
+        Error::Map {
+            what: format!("cannot write binding {selector}"),
+            source: e,
+        }
+    }
+}
+
+fn table_error(e: MapError, op: &Op) -> Error {
+    Error::Map {
+        what: format!("cannot apply {op:?}"),
+        source: e,
+    }
+}
+
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
     let what = what.into();
     move |source| Error::Io { what, source }
@@ -283,11 +308,14 @@ pub struct Dispatcher {
     // Held for the agent's lifetime: one writer per namespace.
     _lock: Flock<File>,
     hosts: HashMap<MapData, BindingKey, BindingValue>,
-    prefixes: LpmTrie<MapData, BindingKey, BindingValue>,
+    prefixes: LpmTrie<MapData, BindingKey, PrefixValue>,
+    ports: HashMap<MapData, PortKey, u32>,
+    wide: HashMap<MapData, PrefixKey, u32>,
     sockets: MapData,
     metrics: PerCpuArray<MapData, DestinationMetrics>,
     records: Array<MapData, DestinationRecord>,
     bindings: StdHashMap<Selector, u32>,
+    tables: Tables,
     destinations: Vec<Option<Destination>>,
     by_destination: StdHashMap<Destination, u32>,
     refcount: Vec<u32>,
@@ -322,7 +350,9 @@ fn open_map(dir: &Path, name: &str) -> Result<Map> {
 
 struct Maps {
     hosts: HashMap<MapData, BindingKey, BindingValue>,
-    prefixes: LpmTrie<MapData, BindingKey, BindingValue>,
+    prefixes: LpmTrie<MapData, BindingKey, PrefixValue>,
+    ports: HashMap<MapData, PortKey, u32>,
+    wide: HashMap<MapData, PrefixKey, u32>,
     sockets: MapData,
     metrics: PerCpuArray<MapData, DestinationMetrics>,
     records: Array<MapData, DestinationRecord>,
@@ -348,6 +378,12 @@ impl Maps {
             prefixes: get(map_names::PREFIXES)?
                 .try_into()
                 .map_err(conv(map_names::PREFIXES))?,
+            ports: get(map_names::PORTS)?
+                .try_into()
+                .map_err(conv(map_names::PORTS))?,
+            wide: get(map_names::WIDE)?
+                .try_into()
+                .map_err(conv(map_names::WIDE))?,
             sockets,
             metrics: get(map_names::METRICS)?
                 .try_into()
@@ -525,6 +561,9 @@ impl Dispatcher {
             _lock: lock,
             hosts: maps.hosts,
             prefixes: maps.prefixes,
+            ports: maps.ports,
+            wide: maps.wide,
+            tables: Tables::new(),
             sockets: maps.sockets,
             metrics: maps.metrics,
             records: maps.records,
@@ -611,31 +650,89 @@ impl Dispatcher {
         let mut found = Vec::new();
         for entry in self.hosts.iter() {
             let (key, value) = entry.map_err(map_err("cannot read host bindings"))?;
-            found.push((key, value));
+            found.push((key, value.prefix_len, value.destination));
         }
-        for entry in self.prefixes.iter() {
-            let (key, value) = entry.map_err(map_err("cannot read prefix bindings"))?;
-            found.push((key.data(), value));
+        let mut wide = Vec::new();
+        for entry in self.wide.iter() {
+            let (k, destination) = entry.map_err(map_err("cannot read wide bindings"))?;
+            found.push((k.key, k.prefix_len, destination));
+            if let Ok(len) = u8::try_from(k.prefix_len) {
+                wide.push((k.key, len, destination));
+            }
         }
-        for (key, value) in found {
-            let Some(selector) = u8::try_from(value.prefix_len)
+        for (key, prefix_len, destination) in found {
+            let Some(selector) = u8::try_from(prefix_len)
                 .ok()
                 .and_then(|len| Selector::from_key(&key, len))
             else {
                 warn!(
                     ?key,
-                    ?value,
-                    "ignoring a malformed binding in the pinned maps"
+                    prefix_len, "ignoring a malformed binding in the pinned maps"
                 );
                 continue;
             };
-            if self.destination(value.destination).is_none() {
-                warn!(%selector, id = value.destination, "binding points at an unknown destination");
+            if self.destination(destination).is_none() {
+                warn!(%selector, id = destination, "binding points at an unknown destination");
             }
-            self.bindings.insert(selector, value.destination);
-            if let Some(rc) = self.refcount.get_mut(value.destination as usize) {
+            self.bindings.insert(selector, destination);
+            if let Some(rc) = self.refcount.get_mut(destination as usize) {
                 *rc += 1;
             }
+        }
+        let mut trie = Vec::new();
+        for entry in self.prefixes.iter() {
+            let (key, value) = entry.map_err(map_err("cannot read the prefix trie"))?;
+            let len = key.prefix_len().saturating_sub(KEY_HEADER_BITS);
+            trie.push((key.data(), len as u8, value));
+        }
+        let mut ports = Vec::new();
+        for entry in self.ports.iter() {
+            ports.push(entry.map_err(map_err("cannot read port tables"))?);
+        }
+        let mut repair = Vec::new();
+        self.tables = Tables::restore(wide, trie, ports, &mut repair);
+        if !repair.is_empty() {
+            warn!(
+                writes = repair.len(),
+                "port tables disagreed with the bindings (an agent stopped mid-change); repairing"
+            );
+            self.apply(&repair)?;
+        }
+        Ok(())
+    }
+
+    /// Applies data-plane writes in order.
+    fn apply(&mut self, ops: &[Op]) -> Result<()> {
+        for op in ops {
+            let res = match *op {
+                Op::WidePut {
+                    key,
+                    len,
+                    destination,
+                } => self.wide.insert(
+                    PrefixKey {
+                        prefix_len: u32::from(len),
+                        key,
+                    },
+                    destination,
+                    0,
+                ),
+                Op::WideDel { key, len } => self.wide.remove(&PrefixKey {
+                    prefix_len: u32::from(len),
+                    key,
+                }),
+                Op::PortPut(k, d) => self.ports.insert(k, d, 0),
+                Op::PortDel(k) => self.ports.remove(&k),
+                Op::TriePut { key, len, value } => self.prefixes.insert(
+                    &lpm_trie::Key::new(KEY_HEADER_BITS + u32::from(len), key),
+                    value,
+                    0,
+                ),
+                Op::TrieDel { key, len } => self
+                    .prefixes
+                    .remove(&lpm_trie::Key::new(KEY_HEADER_BITS + u32::from(len), key)),
+            };
+            res.map_err(|e| table_error(e, op))?;
         }
         Ok(())
     }
@@ -723,38 +820,61 @@ impl Dispatcher {
     }
 
     fn write_binding(&mut self, selector: &Selector, id: u32) -> Result<()> {
-        let value = BindingValue {
-            destination: id,
-            prefix_len: u32::from(selector.prefix.len()),
-        };
-        let res = if selector.prefix.is_host() {
-            self.hosts.insert(selector.key(), value, 0)
-        } else {
-            let key = lpm_trie::Key::new(selector.trie_prefix_len(), selector.key());
-            self.prefixes.insert(&key, value, 0)
-        };
-        res.map_err(|e| match &e {
-            MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
-                Error::TableFull(*selector)
-            }
-            MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOSPC) => {
-                Error::TableFull(*selector)
-            }
-            _ => Error::Map {
-                what: format!("cannot write binding {selector}"),
-                source: e,
-            },
-        })
+        if selector.prefix.is_host() {
+            let value = BindingValue {
+                destination: id,
+                prefix_len: u32::from(selector.prefix.len()),
+            };
+            return self
+                .hosts
+                .insert(selector.key(), value, 0)
+                .map_err(|e| full_or(e, selector));
+        }
+        let mut ops = Vec::new();
+        let previous = self
+            .tables
+            .set(&selector.key(), selector.prefix.len(), Some(id), &mut ops);
+        self.apply_or_revert(&ops, selector, previous)
+            .map_err(|e| match e {
+                Error::Map { source, .. } => full_or(source, selector),
+                e => e,
+            })
     }
 
     fn delete_binding(&mut self, selector: &Selector) -> Result<()> {
-        let res = if selector.prefix.is_host() {
-            self.hosts.remove(&selector.key())
-        } else {
-            let key = lpm_trie::Key::new(selector.trie_prefix_len(), selector.key());
-            self.prefixes.remove(&key)
+        if selector.prefix.is_host() {
+            return self
+                .hosts
+                .remove(&selector.key())
+                .map_err(map_err(format!("cannot delete binding {selector}")));
+        }
+        let mut ops = Vec::new();
+        let previous = self
+            .tables
+            .set(&selector.key(), selector.prefix.len(), None, &mut ops);
+        self.apply_or_revert(&ops, selector, previous)
+    }
+
+    /// Applies `ops`; if one fails, puts the binding back as it was in
+    /// memory and in the maps, so a refused change leaves no trace.
+    fn apply_or_revert(
+        &mut self,
+        ops: &[Op],
+        selector: &Selector,
+        previous: Option<u32>,
+    ) -> Result<()> {
+        let Err(e) = self.apply(ops) else {
+            return Ok(());
         };
-        res.map_err(map_err(format!("cannot delete binding {selector}")))
+        let mut undo = Vec::new();
+        self.tables
+            .set(&selector.key(), selector.prefix.len(), previous, &mut undo);
+        // The undo recomputes from the old bindings; writes the failed
+        // attempt never made are rewrites of the same values.
+        if let Err(undo_err) = self.apply(&undo) {
+            warn!(error = %undo_err, %selector, "could not undo a failed change; the agent repairs the tables when it restarts");
+        }
+        Err(e)
     }
 
     /// Adds a binding, or moves an existing one to another label.

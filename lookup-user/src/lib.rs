@@ -10,6 +10,7 @@ pub mod dispatcher;
 pub mod proto;
 pub mod socket;
 pub mod sys;
+pub mod table;
 
 /// An error and its sources on one line, `outer: inner: innermost`.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
