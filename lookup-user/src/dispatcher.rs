@@ -936,6 +936,27 @@ impl Dispatcher {
         Ok(format!("unbound {selector} -> {}", binding.label))
     }
 
+    /// Whether a binding with this selector exists.
+    pub fn is_bound(&self, selector: &Selector) -> bool {
+        self.bindings.contains_key(selector)
+    }
+
+    /// Number of bindings.
+    pub fn binding_count(&self) -> usize {
+        self.bindings.len()
+    }
+
+    /// The id of a destination, if it exists.
+    pub fn destination_id(&self, label: &Label, family: Family, protocol: Protocol) -> Option<u32> {
+        self.by_destination
+            .get(&Destination {
+                label: label.clone(),
+                family,
+                protocol,
+            })
+            .copied()
+    }
+
     /// Every binding, in precedence order.
     pub fn bindings(&self) -> Vec<Binding> {
         let mut out: Vec<Binding> = self

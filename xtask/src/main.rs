@@ -1,5 +1,6 @@
 //! `cargo xtask`: sets up a machine for lookup, builds it, runs the agent and
 //! runs the whole test suite. The alias lives in `.cargo/config.toml`.
+mod bench;
 mod build;
 mod cmd;
 mod run;
@@ -40,6 +41,15 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Set up, build (release) and run the data-plane benchmark as root: a
+    /// table of figures with ratios to baselines measured in the same run.
+    /// Arguments after `--` go to lookup-bench (`--sizes`, `--repeat`,
+    /// `--trials`).
+    Bench {
+        /// Arguments for lookup-bench.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Set up, then fmt, clippy (host and eBPF), systemd-analyze verify and
     /// cargo test for the workspace. Arguments after `--` go to the test
     /// binaries (a test name filter, `--nocapture`, ...).
@@ -57,6 +67,7 @@ fn main() -> ExitCode {
         Command::Build { release } => build::build(release).map(drop),
         Command::Run { args } => run::run(&args),
         Command::Test { args } => test::test(&args),
+        Command::Bench { args } => bench::bench(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

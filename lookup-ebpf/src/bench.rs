@@ -1,0 +1,136 @@
+//! Baselines for `cargo xtask bench`, measured beside the dispatcher:
+//!
+//! - `bench_pass`: returns `SK_PASS`; the cost of the hook and the harness.
+//! - `bench_floor`: one sockmap lookup and assign; no dispatcher can do less.
+//! - `bench_reference`: the textbook design (tubular's): one LPM trie keyed by
+//!   protocol, port and prefix, looked up with the port and again with port
+//!   0, the wildcard winning only with a strictly longer prefix.
+//!
+//! None of these maps is pinned; the bench loads and fills them itself.
+
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use core::{cell::UnsafeCell, ptr};
+
+    use aya_ebpf::{
+        EbpfContext as _,
+        bindings::{
+            bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SOCKMAP, bpf_sk_lookup, sk_action::SK_DROP,
+            sk_action::SK_PASS,
+        },
+        helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release},
+        macros::{map, sk_lookup},
+        maps::{LpmTrie, lpm_trie::Key},
+        programs::SkLookupContext,
+    };
+    use lookup_common::{
+        BindingKey, BindingValue, FAMILY_V4, FAMILY_V6, KEY_HEADER_BITS, MAX_BINDINGS,
+        MAX_DESTINATIONS,
+    };
+
+    #[map(name = "REF_BINDINGS")]
+    static REF_BINDINGS: LpmTrie<BindingKey, BindingValue> =
+        LpmTrie::with_max_entries(MAX_BINDINGS, 0);
+
+    #[repr(transparent)]
+    struct SockMap64(UnsafeCell<bpf_map_def>);
+
+    // SAFETY: only the loader reads the definition.
+    unsafe impl Sync for SockMap64 {}
+
+    #[unsafe(link_section = "maps")]
+    #[unsafe(export_name = "REF_SOCKETS")]
+    static REF_SOCKETS: SockMap64 = SockMap64(UnsafeCell::new(bpf_map_def {
+        type_: BPF_MAP_TYPE_SOCKMAP,
+        key_size: 4,
+        value_size: 8,
+        max_entries: MAX_DESTINATIONS,
+        map_flags: 0,
+        id: 0,
+        pinning: 0,
+    }));
+
+    #[inline(always)]
+    fn assign(ctx: &SkLookupContext, index: u32) -> u32 {
+        let sk =
+            unsafe { bpf_map_lookup_elem(REF_SOCKETS.0.get().cast(), (&raw const index).cast()) };
+        if sk.is_null() {
+            return SK_DROP;
+        }
+        let err = unsafe { bpf_sk_assign(ctx.as_ptr().cast(), sk.cast(), 0) };
+        unsafe { bpf_sk_release(sk.cast()) };
+        if err == 0 { SK_PASS } else { SK_DROP }
+    }
+
+    #[sk_lookup]
+    pub fn bench_pass(_ctx: SkLookupContext) -> u32 {
+        SK_PASS
+    }
+
+    #[sk_lookup]
+    pub fn bench_floor(ctx: SkLookupContext) -> u32 {
+        assign(&ctx, 0)
+    }
+
+    #[sk_lookup]
+    pub fn bench_reference(ctx: SkLookupContext) -> u32 {
+        let lookup: *const bpf_sk_lookup = ctx.lookup;
+        let (family, protocol, port, ip4, ip6) = unsafe {
+            (
+                ptr::read_volatile(&raw const (*lookup).family),
+                ptr::read_volatile(&raw const (*lookup).protocol),
+                ptr::read_volatile(&raw const (*lookup).local_port),
+                ptr::read_volatile(&raw const (*lookup).local_ip4),
+                [
+                    ptr::read_volatile(&raw const (*lookup).local_ip6[0]),
+                    ptr::read_volatile(&raw const (*lookup).local_ip6[1]),
+                    ptr::read_volatile(&raw const (*lookup).local_ip6[2]),
+                    ptr::read_volatile(&raw const (*lookup).local_ip6[3]),
+                ],
+            )
+        };
+        let mut key = BindingKey {
+            protocol: protocol as u8,
+            family: family as u8,
+            port: (port as u16).to_be_bytes(),
+            addr: [0; 16],
+        };
+        let bits = if family == u32::from(FAMILY_V4) {
+            key.addr[..4].copy_from_slice(&ip4.to_ne_bytes());
+            32
+        } else if family == u32::from(FAMILY_V6) {
+            key.addr[0..4].copy_from_slice(&ip6[0].to_ne_bytes());
+            key.addr[4..8].copy_from_slice(&ip6[1].to_ne_bytes());
+            key.addr[8..12].copy_from_slice(&ip6[2].to_ne_bytes());
+            key.addr[12..16].copy_from_slice(&ip6[3].to_ne_bytes());
+            128
+        } else {
+            return SK_PASS;
+        };
+        let specific = REF_BINDINGS.get(Key::new(KEY_HEADER_BITS + bits, key));
+        key.port = [0, 0];
+        let wildcard = REF_BINDINGS.get(Key::new(KEY_HEADER_BITS + bits, key));
+        let chosen = match (specific, wildcard) {
+            (Some(s), Some(w)) if w.prefix_len > s.prefix_len => w,
+            (Some(s), _) => s,
+            (None, Some(w)) => w,
+            (None, None) => return SK_PASS,
+        };
+        assign(&ctx, chosen.destination)
+    }
+
+    #[cfg(not(test))]
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 4] = *b"GPL\0";
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -1,0 +1,428 @@
+//! `lookup-bench`: per-lookup cost of the dispatcher beside its baselines,
+//! all measured in one run with `BPF_PROG_TEST_RUN` (run it through
+//! `cargo xtask bench`).
+//!
+//! Programs: the dispatcher as loaded by the agent; `bench_pass` (returns
+//! `SK_PASS`); `bench_floor` (one sockmap lookup and assign); and
+//! `bench_reference`, the textbook design with one trie keyed by protocol,
+//! port and prefix, looked up twice. The reference holds exactly the same
+//! bindings and assigns the same sockets, so every lookup of both must
+//! select the same socket: the bench checks that before it times anything.
+
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd, OwnedFd},
+    path::Path,
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use aya::{
+    EbpfLoader,
+    maps::{LpmTrie, Map, MapData, lpm_trie},
+    programs::SkLookup,
+};
+use lookup_common::{BindingValue, KEY_HEADER_BITS};
+use nix::sys::socket::{
+    AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt, socket,
+    sockopt,
+};
+
+use crate::{
+    binding::{Binding, Family, Label, Prefix, Protocol},
+    dispatcher::Dispatcher,
+    socket as sock,
+    sys::{self, SkLookupCtx},
+};
+
+/// The baselines' object, built by `lookup-user/build.rs`.
+pub static BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lookup-bench"));
+
+const SK_PASS: u32 = 1;
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Table sizes, ascending.
+    pub sizes: Vec<usize>,
+    /// `BPF_PROG_TEST_RUN` repeat count per trial.
+    pub repeat: u32,
+    /// Trials per figure; the median is reported.
+    pub trials: usize,
+}
+
+/// One class of lookup, with the binding that answers it.
+struct Class {
+    name: &'static str,
+    protocol: Protocol,
+    ip: IpAddr,
+    port: u16,
+    /// The binding that must win, or `None` for a miss.
+    binding: Option<(&'static str, &'static str, u16)>,
+}
+
+fn classes() -> Vec<Class> {
+    let v4 = |s: &str| IpAddr::V4(s.parse::<Ipv4Addr>().expect("address"));
+    let v6 = |s: &str| IpAddr::V6(s.parse::<Ipv6Addr>().expect("address"));
+    vec![
+        Class {
+            name: "host, specific port",
+            protocol: Protocol::Tcp,
+            ip: v4("100.127.0.1"),
+            port: 443,
+            binding: Some(("a", "100.127.0.1", 443)),
+        },
+        Class {
+            name: "host, wildcard port",
+            protocol: Protocol::Tcp,
+            ip: v4("100.127.0.2"),
+            port: 8443,
+            binding: Some(("b", "100.127.0.2", 0)),
+        },
+        Class {
+            name: "wider prefix",
+            protocol: Protocol::Tcp,
+            ip: v4("100.126.7.9"),
+            port: 80,
+            binding: Some(("c", "100.126.0.0/16", 80)),
+        },
+        Class {
+            name: "IPv6 host",
+            protocol: Protocol::Tcp,
+            ip: v6("2001:db8:ffff::1"),
+            port: 443,
+            binding: Some(("d", "2001:db8:ffff::1", 443)),
+        },
+        Class {
+            name: "miss",
+            protocol: Protocol::Tcp,
+            ip: v4("198.18.0.1"),
+            port: 80,
+            binding: None,
+        },
+    ]
+}
+
+/// xorshift64*, so every run measures the same tables.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+const LABELS: [&str; 8] = ["a", "b", "c", "d", "e", "f", "g", "h"];
+
+/// The filler bindings: mostly hosts (IPv4 in 10/8, IPv6 in 2001:db8::/32),
+/// an eighth wider prefixes (IPv4 in 172.16/12, IPv6 in 2001:db8:8000::/33),
+/// TCP and UDP, half on a specific port (popular ports and random ones),
+/// half on every port. None of them overlaps a class's target.
+fn filler(rng: &mut Rng) -> Binding {
+    let protocol = if rng.below(2) == 0 {
+        Protocol::Tcp
+    } else {
+        Protocol::Udp
+    };
+    let port = match rng.below(8) {
+        0..=3 => 0,
+        4 => 80,
+        5 => 443,
+        6 => 53,
+        _ => 1024 + rng.below(64_000) as u16,
+    };
+    let v6 = rng.below(4) == 0;
+    let wide = rng.below(8) == 0;
+    let (addr, len) = match (v6, wide) {
+        (false, false) => (
+            IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | rng.below(1 << 24) as u32)),
+            32,
+        ),
+        (false, true) => {
+            let len = 16 + rng.below(15) as u8;
+            let a = 0xac10_0000 | rng.below(1 << 20) as u32;
+            (
+                IpAddr::V4(Ipv4Addr::from(a & (u32::MAX << (32 - u32::from(len))))),
+                len,
+            )
+        }
+        (true, false) => (
+            IpAddr::V6(Ipv6Addr::from(
+                0x2001_0db8u128 << 96 | u128::from(rng.next()) << 32 >> 32 & ((1u128 << 95) - 1),
+            )),
+            128,
+        ),
+        (true, true) => {
+            let len = 48 + rng.below(77) as u8;
+            let a = 0x2001_0db8_8000u128 << 80
+                | u128::from(rng.next()) << 16
+                | u128::from(rng.next() >> 48);
+            (
+                IpAddr::V6(Ipv6Addr::from(a & (u128::MAX << (128 - u32::from(len))))),
+                len,
+            )
+        }
+    };
+    Binding {
+        label: LABELS[rng.below(LABELS.len() as u64) as usize]
+            .parse()
+            .expect("label"),
+        protocol,
+        prefix: Prefix::new(addr, len).expect("canonical prefix"),
+        port,
+    }
+}
+
+fn server(family: Family, protocol: Protocol) -> Result<OwnedFd> {
+    let (af, addr): (_, SocketAddr) = match family {
+        Family::Ipv4 => (AddressFamily::Inet, "127.0.0.1:0".parse()?),
+        Family::Ipv6 => (AddressFamily::Inet6, "[::1]:0".parse()?),
+    };
+    let ty = match protocol {
+        Protocol::Tcp => SockType::Stream,
+        Protocol::Udp => SockType::Datagram,
+    };
+    let fd = socket(af, ty, SockFlag::SOCK_CLOEXEC, None)?;
+    if family == Family::Ipv6 {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    }
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(addr),
+    )?;
+    if protocol == Protocol::Tcp {
+        listen(&fd, Backlog::new(64)?)?;
+    }
+    Ok(fd)
+}
+
+fn context(c: &Class) -> SkLookupCtx {
+    let mut ctx = SkLookupCtx {
+        protocol: u32::from(c.protocol.number()),
+        local_port: u32::from(c.port),
+        remote_port: u32::from(40_000u16.to_be()),
+        ..Default::default()
+    };
+    match c.ip {
+        IpAddr::V4(a) => {
+            ctx.family = u32::from(Family::Ipv4.number());
+            ctx.local_ip4 = u32::from_ne_bytes(a.octets());
+            ctx.remote_ip4 = u32::from_ne_bytes([127, 0, 0, 9]);
+        }
+        IpAddr::V6(a) => {
+            ctx.family = u32::from(Family::Ipv6.number());
+            let o = a.octets();
+            for i in 0..4 {
+                ctx.local_ip6[i] = u32::from_ne_bytes(o[4 * i..4 * i + 4].try_into().expect("4"));
+            }
+            ctx.remote_ip6 = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 9])];
+        }
+    }
+    ctx
+}
+
+fn median(mut v: Vec<u32>) -> f64 {
+    v.sort_unstable();
+    let n = v.len();
+    if n % 2 == 1 {
+        f64::from(v[n / 2])
+    } else {
+        (f64::from(v[n / 2 - 1]) + f64::from(v[n / 2])) / 2.0
+    }
+}
+
+fn time(prog: &SkLookup, ctx: &SkLookupCtx, opts: &Options) -> Result<f64> {
+    let fd = prog.fd()?;
+    let mut runs = Vec::with_capacity(opts.trials);
+    for _ in 0..opts.trials {
+        runs.push(sys::sk_lookup_test_run(fd.as_fd(), ctx, opts.repeat)?.duration_ns);
+    }
+    Ok(median(runs))
+}
+
+/// One row of the result table.
+pub struct Row {
+    /// Bindings in the tables.
+    pub size: usize,
+    /// Lookup class.
+    pub class: &'static str,
+    /// ns per lookup: dispatcher, reference, floor, pass.
+    pub ns: [f64; 4],
+}
+
+/// Runs the per-lookup benchmark in the calling thread's network namespace,
+/// with the dispatcher's state under `bpffs`. Returns the rows and a report.
+pub fn lookup_cost(bpffs: &Path, opts: &Options) -> Result<(Vec<Row>, String)> {
+    ensure!(
+        !BENCH_OBJECT.is_empty(),
+        "this build carries no eBPF objects: run `cargo xtask setup` and rebuild"
+    );
+    let mut d = Dispatcher::open_or_create(Path::new("/proc/thread-self/ns/net"), bpffs)?;
+    let ours = SkLookup::from_pin(d.location().dir.join("program"))?;
+
+    let mut ebpf = EbpfLoader::new().load(BENCH_OBJECT)?;
+    for name in ["bench_pass", "bench_floor", "bench_reference"] {
+        let p: &mut SkLookup = ebpf.program_mut(name).context(name)?.try_into()?;
+        p.load().with_context(|| format!("loading {name}"))?;
+    }
+    let ref_sockets = match ebpf.take_map("REF_SOCKETS").context("REF_SOCKETS")? {
+        Map::SockMap(m) => m,
+        _ => bail!("REF_SOCKETS is not a sockmap"),
+    };
+    let mut ref_trie: LpmTrie<MapData, lookup_common::BindingKey, BindingValue> = ebpf
+        .take_map("REF_BINDINGS")
+        .context("REF_BINDINGS")?
+        .try_into()?;
+
+    // Every label gets a socket of each family and protocol, in both the
+    // dispatcher and (at the same index) the reference's sockmap.
+    let mut keep = Vec::new();
+    let mut cookies = std::collections::HashMap::new();
+    for label in LABELS {
+        let label: Label = label.parse()?;
+        for family in [Family::Ipv4, Family::Ipv6] {
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                let fd = server(family, protocol)?;
+                let cookie = sock::inspect(fd.as_fd())?.cookie;
+                d.register(
+                    &label,
+                    vec![(fd.try_clone()?, format!("{label} {family} {protocol}"))],
+                )?;
+                let id = d
+                    .destination_id(&label, family, protocol)
+                    .context("registered destination")?;
+                sys::sockmap_update(ref_sockets.fd().as_fd(), id, fd.as_fd())?;
+                cookies.insert((label.clone(), family, protocol), cookie);
+                keep.push(fd);
+            }
+        }
+    }
+
+    let mut add = |d: &mut Dispatcher, b: &Binding| -> Result<()> {
+        d.bind(b)?;
+        let id = d
+            .destination_id(&b.label, b.prefix.family(), b.protocol)
+            .context("destination")?;
+        let s = b.selector();
+        ref_trie.insert(
+            &lpm_trie::Key::new(KEY_HEADER_BITS + u32::from(b.prefix.len()), s.key()),
+            BindingValue {
+                destination: id,
+                prefix_len: u32::from(b.prefix.len()),
+            },
+            0,
+        )?;
+        Ok(())
+    };
+    let classes = classes();
+    let mut held = 0usize;
+    for c in &classes {
+        if let Some((label, prefix, port)) = c.binding {
+            let b = Binding::parse(label, &c.protocol.to_string(), prefix, &port.to_string())?;
+            add(&mut d, &b)?;
+            held += 1;
+        }
+    }
+
+    let progs = [
+        &ours,
+        ebpf.program("bench_reference")
+            .context("reference")?
+            .try_into()?,
+        ebpf.program("bench_floor").context("floor")?.try_into()?,
+        ebpf.program("bench_pass").context("pass")?.try_into()?,
+    ];
+    let mut rng = Rng(0x10_0c_4b_u64);
+    let mut rows = Vec::new();
+    let mut report = String::new();
+    for &size in &opts.sizes {
+        let started = Instant::now();
+        while held < size {
+            let b = filler(&mut rng);
+            if d.is_bound(&b.selector()) {
+                continue;
+            }
+            add(&mut d, &b)?;
+            held += 1;
+        }
+        eprintln!(
+            "bench: {size} bindings in place ({:.1} s to add)",
+            started.elapsed().as_secs_f64()
+        );
+        for c in &classes {
+            let ctx = context(c);
+            // Both dispatchers must select the same socket before timing.
+            let want = c.binding.map(|(label, _, _)| {
+                let family = if c.ip.is_ipv4() {
+                    Family::Ipv4
+                } else {
+                    Family::Ipv6
+                };
+                cookies[&(label.parse::<Label>().expect("label"), family, c.protocol)]
+            });
+            for (name, p) in [("dispatcher", progs[0]), ("reference", progs[1])] {
+                let r = sys::sk_lookup_test_run(p.fd()?.as_fd(), &ctx, 1)?;
+                ensure!(r.retval == SK_PASS, "{name} dropped {}", c.name);
+                ensure!(
+                    r.cookie == want.unwrap_or(0),
+                    "{name} selected cookie {} for {}, expected {:?}",
+                    r.cookie,
+                    c.name,
+                    want
+                );
+            }
+            let mut ns = [0.0; 4];
+            for (i, p) in progs.iter().enumerate() {
+                ns[i] = time(p, &ctx, opts)?;
+            }
+            rows.push(Row {
+                size,
+                class: c.name,
+                ns,
+            });
+        }
+    }
+    drop(keep);
+
+    let base = |class: &str| {
+        rows.iter()
+            .find(|r| r.class == class)
+            .map(|r| r.ns[0])
+            .unwrap_or(f64::NAN)
+    };
+    writeln!(
+        report,
+        "Per-lookup cost, BPF_PROG_TEST_RUN, repeat {}, median of {} trials (ns per lookup)",
+        opts.repeat, opts.trials
+    )?;
+    writeln!(report)?;
+    writeln!(
+        report,
+        "| bindings | class | dispatcher | reference | floor | pass | dispatcher / floor | dispatcher / smallest table | dispatcher / reference |"
+    )?;
+    writeln!(report, "|---:|---|---:|---:|---:|---:|---:|---:|---:|")?;
+    for r in &rows {
+        writeln!(
+            report,
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}x | {:.2}x | {:.2}x |",
+            r.size,
+            r.class,
+            r.ns[0],
+            r.ns[1],
+            r.ns[2],
+            r.ns[3],
+            r.ns[0] / r.ns[2],
+            r.ns[0] / base(r.class),
+            r.ns[0] / r.ns[1]
+        )?;
+    }
+    Ok((rows, report))
+}

@@ -1,0 +1,101 @@
+//! `lookup-bench`: see `lookup::bench`. Run it as root through
+//! `cargo xtask bench`; it makes a private network and mount namespace and
+//! a bpffs of its own, so it touches nothing outside itself.
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context as _, Result, ensure};
+use clap::Parser;
+use lookup::bench::{self, Options};
+use nix::{
+    mount::{MsFlags, mount},
+    sched::{CloneFlags, unshare},
+};
+
+/// Measures lookup's data plane against its baselines in one run.
+#[derive(Parser, Debug)]
+#[command(name = "lookup-bench", version)]
+struct Args {
+    /// Table sizes to measure, ascending.
+    #[arg(long, value_delimiter = ',', default_value = "4,10000,100000,1000000")]
+    sizes: Vec<usize>,
+    /// BPF_PROG_TEST_RUN repeat count per trial.
+    #[arg(long, default_value_t = 1_000_000)]
+    repeat: u32,
+    /// Trials per figure (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    trials: usize,
+}
+
+fn isolate() -> Result<tempdir::Dir> {
+    unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWNS)
+        .context("unshare (are we root?)")?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making mounts private")?;
+    let status = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .context("ip")?;
+    ensure!(status.success(), "ip link set lo up failed");
+    let dir = tempdir::Dir::new()?;
+    mount(
+        Some("bpf"),
+        dir.path(),
+        Some("bpf"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .context("mounting bpffs")?;
+    Ok(dir)
+}
+
+mod tempdir {
+    use std::path::{Path, PathBuf};
+
+    pub struct Dir(PathBuf);
+
+    impl Dir {
+        pub fn new() -> anyhow::Result<Self> {
+            let p = nix::unistd::mkdtemp(&std::env::temp_dir().join("lookup-bench-XXXXXX"))?;
+            Ok(Self(p))
+        }
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let run = || -> Result<()> {
+        let dir = isolate()?;
+        let opts = Options {
+            sizes: args.sizes.clone(),
+            repeat: args.repeat,
+            trials: args.trials,
+        };
+        let (_, report) = bench::lookup_cost(dir.path(), &opts)?;
+        println!("{report}");
+        Ok(())
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lookup-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
