@@ -57,7 +57,7 @@ fn main() -> Result<()> {
              building lookup without its dispatcher object"
         );
         fs::write(&object, b"")?;
-        fs::write(out_dir.join("lookup-bench"), b"")?;
+        fs::write(out_dir.join("lookup-baselines"), b"")?;
         return Ok(());
     };
     if matches!(toolchain, Toolchain::Custom(_)) && env::var_os("RUSTC_BOOTSTRAP").is_none() {

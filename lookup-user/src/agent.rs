@@ -217,6 +217,22 @@ pub fn handle(shared: &Mutex<Dispatcher>, request: Request, fds: Vec<OwnedFd>) -
             .status(label.as_ref())
             .map(Response::Status)
             .unwrap_or_else(fail),
+        Request::Apply { lines } => {
+            let parsed = crate::batch::parse(&lines);
+            drop(lines);
+            match parsed {
+                Ok(batch) => d
+                    .apply_batch(batch)
+                    .map(|m| done(vec![m]))
+                    .unwrap_or_else(fail),
+                Err(e) => {
+                    warn!(error = %e, "batch refused");
+                    Response::Error {
+                        message: e.to_string(),
+                    }
+                }
+            }
+        }
     }
 }
 

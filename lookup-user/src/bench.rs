@@ -38,7 +38,7 @@ use crate::{
 
 /// The baselines' object, built by `lookup-user/build.rs`.
 pub static BENCH_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lookup-bench"));
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lookup-baselines"));
 
 const SK_PASS: u32 = 1;
 

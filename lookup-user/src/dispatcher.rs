@@ -172,6 +172,23 @@ pub enum Error {
         /// Second socket.
         second: String,
     },
+    /// A change in a batch was refused; nothing was applied.
+    #[error("line {line}: {source}")]
+    Batch {
+        /// Line of the change.
+        line: u32,
+        /// Why.
+        #[source]
+        source: Box<Error>,
+    },
+    /// A batch would overfill a table; nothing was applied.
+    #[error("the batch would hold more than {limit} {what}")]
+    BatchTooLarge {
+        /// Which table.
+        what: &'static str,
+        /// Its size.
+        limit: usize,
+    },
     /// `status` of a label that has neither bindings nor sockets.
     #[error("unknown label {0:?}: no bindings and no registered sockets")]
     UnknownLabel(String),
@@ -308,6 +325,8 @@ pub struct Dispatcher {
     // Held for the agent's lifetime: one writer per namespace.
     _lock: Flock<File>,
     hosts: HashMap<MapData, BindingKey, BindingValue>,
+    // The same map, for the batched syscalls aya does not wrap.
+    hosts_fd: OwnedFd,
     prefixes: LpmTrie<MapData, BindingKey, PrefixValue>,
     ports: HashMap<MapData, PortKey, u32>,
     wide: HashMap<MapData, PrefixKey, u32>,
@@ -560,6 +579,8 @@ impl Dispatcher {
             location,
             _lock: lock,
             hosts: maps.hosts,
+            hosts_fd: sys::obj_get(&dir.join(map_names::HOSTS))
+                .map_err(io_err("cannot open the host table"))?,
             prefixes: maps.prefixes,
             ports: maps.ports,
             wide: maps.wide,
@@ -934,6 +955,255 @@ impl Dispatcher {
         self.refcount[id as usize] -= 1;
         self.release_destination(id)?;
         Ok(format!("unbound {selector} -> {}", binding.label))
+    }
+
+    /// Applies a batch: every change is checked first (an `unbind` must find
+    /// its binding with its label, counting earlier changes of the batch),
+    /// then the net effect per binding is written, additions and moves first
+    /// from the most specific, removals last from the least specific, with
+    /// batched syscalls for host bindings. On any error nothing changes.
+    pub fn apply_batch(&mut self, mut batch: crate::batch::Batch) -> Result<String> {
+        use crate::batch::Change;
+        let total = batch.changes.len();
+        // Net effect per selector: group a selector's changes (stable sort
+        // keeps their order) and fold them over the current binding.
+        batch
+            .changes
+            .sort_by(|a, b| a.selector.precedence(&b.selector).then(a.line.cmp(&b.line)));
+        let label_of = |id: u32, this: &Self| this.destination(id).map(|d| d.label.clone());
+        // (selector, new label index or None)
+        let mut net: Vec<(Selector, Option<u32>)> = Vec::new();
+        let mut i = 0;
+        while i < batch.changes.len() {
+            let sel = batch.changes[i].selector;
+            let mut current: Option<u32> = None; // label index in the batch
+            let mut current_other: Option<Label> =
+                self.bindings.get(&sel).and_then(|&id| label_of(id, self));
+            let initially = current_other.clone();
+            while i < batch.changes.len() && batch.changes[i].selector == sel {
+                let Change {
+                    label, bind, line, ..
+                } = batch.changes[i];
+                let name = &batch.labels[label as usize];
+                if bind {
+                    current = Some(label);
+                    current_other = Some(name.clone());
+                } else {
+                    match &current_other {
+                        None => {
+                            return Err(Error::Batch {
+                                line,
+                                source: Box::new(Error::NoSuchBinding(sel)),
+                            });
+                        }
+                        Some(l) if l != name => {
+                            return Err(Error::Batch {
+                                line,
+                                source: Box::new(Error::LabelMismatch {
+                                    selector: sel,
+                                    actual: l.to_string(),
+                                    given: name.to_string(),
+                                }),
+                            });
+                        }
+                        Some(_) => {
+                            current = None;
+                            current_other = None;
+                        }
+                    }
+                }
+                i += 1;
+            }
+            if current_other != initially {
+                net.push((sel, current));
+            }
+        }
+
+        // Destinations for every label bound; any allocated here and left
+        // unused by a failure are freed again by `unpin`.
+        let mut ids: StdHashMap<(u32, Family, Protocol), u32> = StdHashMap::new();
+        for &(sel, label) in &net {
+            let Some(label) = label else { continue };
+            let key = (label, sel.prefix.family(), sel.protocol);
+            if ids.contains_key(&key) {
+                continue;
+            }
+            let dest = Destination {
+                label: batch.labels[label as usize].clone(),
+                family: key.1,
+                protocol: key.2,
+            };
+            match self.ensure_destination(&dest) {
+                Ok((id, _)) => {
+                    // Pinned until the batch is done, so that allocating the
+                    // next destination cannot take this one back as unused.
+                    self.refcount[id as usize] += 1;
+                    ids.insert(key, id);
+                }
+                Err(e) => {
+                    self.unpin(&ids)?;
+                    return Err(e);
+                }
+            }
+        }
+        let new_id = |sel: &Selector, label: Option<u32>| {
+            label.map(|l| ids[&(l, sel.prefix.family(), sel.protocol)])
+        };
+
+        // `net` is in precedence order: additions most specific first,
+        // removals least specific first.
+        let (adds, removes): (Vec<_>, Vec<_>) = net.iter().partition(|(_, l)| l.is_some());
+        let host_adds: Vec<(BindingKey, BindingValue)> = adds
+            .iter()
+            .filter(|(s, _)| s.prefix.is_host())
+            .map(|(s, l)| {
+                (
+                    s.key(),
+                    BindingValue {
+                        destination: new_id(s, *l).expect("an addition"),
+                        prefix_len: u32::from(s.prefix.len()),
+                    },
+                )
+            })
+            .collect();
+        let host_removes: Vec<BindingKey> = removes
+            .iter()
+            .rev()
+            .filter(|(s, _)| s.prefix.is_host())
+            .map(|(s, _)| s.key())
+            .collect();
+        let hosts_after = self.hosts_count()
+            + host_adds
+                .iter()
+                .filter(|(k, _)| !self.host_bound(k))
+                .count();
+        if hosts_after > lookup_common::MAX_BINDINGS as usize {
+            self.unpin(&ids)?;
+            return Err(Error::BatchTooLarge {
+                what: "host bindings",
+                limit: lookup_common::MAX_BINDINGS as usize,
+            });
+        }
+        let mut ops = Vec::new();
+        let mut undo_wide = Vec::new();
+        for (s, l) in adds.iter().filter(|(s, _)| !s.prefix.is_host()) {
+            let prev = self
+                .tables
+                .set(&s.key(), s.prefix.len(), new_id(s, *l), &mut ops);
+            undo_wide.push((*s, prev));
+        }
+        for (s, _) in removes.iter().rev().filter(|(s, _)| !s.prefix.is_host()) {
+            let prev = self.tables.set(&s.key(), s.prefix.len(), None, &mut ops);
+            undo_wide.push((*s, prev));
+        }
+
+        let (keys, values): (Vec<_>, Vec<_>) = host_adds.iter().copied().unzip();
+        let written = sys::map_update_batch(self.hosts_fd.as_fd(), &keys, &values);
+        let failed = match written {
+            Ok(()) => self.apply(&ops).err(),
+            Err((_, e)) => Some(Error::Io {
+                what: "cannot write host bindings".into(),
+                source: e,
+            }),
+        };
+        if let Some(e) = failed {
+            // Put back what was there: host entries as they were, wide
+            // bindings through the tables.
+            let mut restore_keys = Vec::new();
+            let mut restore_values = Vec::new();
+            let mut delete = Vec::new();
+            for (k, _) in &host_adds {
+                let sel = net.iter().find(|(s, _)| s.key() == *k).map(|(s, _)| *s);
+                match sel.and_then(|s| self.bindings.get(&s).map(|&id| (s, id))) {
+                    Some((s, id)) => {
+                        restore_keys.push(*k);
+                        restore_values.push(BindingValue {
+                            destination: id,
+                            prefix_len: u32::from(s.prefix.len()),
+                        });
+                    }
+                    None => delete.push(*k),
+                }
+            }
+            let _ = sys::map_update_batch(self.hosts_fd.as_fd(), &restore_keys, &restore_values);
+            let _ = sys::map_delete_batch(self.hosts_fd.as_fd(), &delete);
+            let mut undo = Vec::new();
+            for (s, prev) in undo_wide.into_iter().rev() {
+                self.tables.set(&s.key(), s.prefix.len(), prev, &mut undo);
+            }
+            if let Err(undo_err) = self.apply(&undo) {
+                warn!(error = %undo_err, "could not undo a failed batch; the agent repairs the tables when it restarts");
+            }
+            self.unpin(&ids)?;
+            return Err(e);
+        }
+        if let Err((_, e)) = sys::map_delete_batch(self.hosts_fd.as_fd(), &host_removes) {
+            // Additions are in; the removals that failed leave bindings that
+            // the index below still records, so the state stays truthful.
+            warn!(error = %e, "could not remove some host bindings");
+        }
+
+        let (mut bound, mut moved, mut unbound) = (0usize, 0usize, 0usize);
+        let mut touched = Vec::new();
+        for &(s, l) in &net {
+            let new = new_id(&s, l);
+            let old = match new {
+                Some(id) => self.bindings.insert(s, id),
+                None => self.bindings.remove(&s),
+            };
+            if let Some(id) = new {
+                self.refcount[id as usize] += 1;
+            }
+            if let Some(old) = old {
+                self.refcount[old as usize] -= 1;
+                touched.push(old);
+            }
+            match (old, new) {
+                (None, Some(_)) => bound += 1,
+                (Some(_), Some(_)) => moved += 1,
+                _ => unbound += 1,
+            }
+        }
+        for &id in ids.values() {
+            self.refcount[id as usize] -= 1;
+            touched.push(id);
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for id in touched {
+            self.release_destination(id)?;
+        }
+        Ok(format!(
+            "applied {total} changes: {bound} bound, {moved} moved, {unbound} unbound, {} unchanged",
+            total.saturating_sub(bound + moved + unbound)
+        ))
+    }
+
+    /// Drops the batch's pins on destinations and frees those left unused.
+    fn unpin<K>(&mut self, ids: &StdHashMap<K, u32>) -> Result<()> {
+        for &id in ids.values() {
+            self.refcount[id as usize] -= 1;
+        }
+        for &id in ids.values() {
+            self.release_destination(id)?;
+        }
+        Ok(())
+    }
+
+    fn hosts_count(&self) -> usize {
+        self.bindings.keys().filter(|s| s.prefix.is_host()).count()
+    }
+
+    fn host_bound(&self, key: &BindingKey) -> bool {
+        Selector::from_key(
+            key,
+            if key.family == lookup_common::FAMILY_V4 {
+                32
+            } else {
+                128
+            },
+        )
+        .is_some_and(|s| self.bindings.contains_key(&s))
     }
 
     /// Whether a binding with this selector exists.

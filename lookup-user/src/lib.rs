@@ -4,6 +4,7 @@
 
 pub mod activation;
 pub mod agent;
+pub mod batch;
 pub mod bench;
 pub mod binding;
 pub mod cli;

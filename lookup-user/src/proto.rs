@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::binding::{Binding, Family, Label, Protocol};
 
 /// Largest frame either side accepts.
-pub const MAX_FRAME: usize = 64 << 20;
+pub const MAX_FRAME: usize = 256 << 20;
 /// Most sockets one `register` may carry.
 pub const MAX_FDS: usize = 64;
 
@@ -57,6 +57,14 @@ pub enum Request {
     Status {
         /// Only this label.
         label: Option<Label>,
+    },
+    /// Apply many changes at once: one per line, `bind <label> <tcp|udp>
+    /// <prefix> <port>` or `unbind ...`; blank lines and `#` comments are
+    /// ignored. All are checked before any is applied; on any error nothing
+    /// changes.
+    Apply {
+        /// The changes, as text (compact on the wire and in the agent).
+        lines: String,
     },
 }
 

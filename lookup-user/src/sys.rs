@@ -18,6 +18,8 @@ const BPF_MAP_DELETE_ELEM: i64 = 3;
 const BPF_OBJ_GET: i64 = 7;
 const BPF_PROG_TEST_RUN: i64 = 10;
 const BPF_OBJ_GET_INFO_BY_FD: i64 = 15;
+const BPF_MAP_UPDATE_BATCH: i64 = 26;
+const BPF_MAP_DELETE_BATCH: i64 = 27;
 const BPF_LINK_UPDATE: i64 = 29;
 
 /// `BPF_F_REPLACE` for `BPF_LINK_UPDATE`.
@@ -115,6 +117,60 @@ pub fn sockmap_delete(map: BorrowedFd<'_>, index: u32) -> io::Result<bool> {
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Writes `keys[i] -> values[i]` for every i with as few `bpf(2)` calls as
+/// the kernel allows (`BPF_MAP_UPDATE_BATCH`, 5.6+). Returns how many were
+/// written before an error, with the error.
+pub fn map_update_batch<K: Copy, V: Copy>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, io::Error)> {
+    assert_eq!(keys.len(), values.len());
+    let mut done = 0;
+    while done < keys.len() {
+        let mut count = (keys.len() - done) as u32;
+        let mut attr = Attr::new();
+        attr.u64(16, ptr(keys[done..].as_ptr()))
+            .u64(24, ptr(values[done..].as_ptr()))
+            .u32(32, count)
+            .u32(36, map.as_raw_fd() as u32);
+        let res = bpf(BPF_MAP_UPDATE_BATCH, &mut attr);
+        count = attr.get_u32(32);
+        done += count as usize;
+        if let Err(e) = res {
+            if e.raw_os_error() == Some(libc::EINTR) || (e.raw_os_error() == Some(libc::EAGAIN)) {
+                continue;
+            }
+            return Err((done, e));
+        }
+    }
+    Ok(())
+}
+
+/// Deletes `keys` with as few `bpf(2)` calls as the kernel allows
+/// (`BPF_MAP_DELETE_BATCH`). Returns how many were deleted before an error.
+pub fn map_delete_batch<K: Copy>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+) -> Result<(), (usize, io::Error)> {
+    let mut done = 0;
+    while done < keys.len() {
+        let mut attr = Attr::new();
+        attr.u64(16, ptr(keys[done..].as_ptr()))
+            .u32(32, (keys.len() - done) as u32)
+            .u32(36, map.as_raw_fd() as u32);
+        let res = bpf(BPF_MAP_DELETE_BATCH, &mut attr);
+        done += attr.get_u32(32) as usize;
+        if let Err(e) = res {
+            if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) {
+                continue;
+            }
+            return Err((done, e));
+        }
+    }
+    Ok(())
 }
 
 /// What the kernel says about a netns link.

@@ -1,6 +1,7 @@
 //! `lookupctl`: one module per subcommand. Nouns (`bindings`, `status`)
 //! read; verbs (`bind`, `register`, ...) change state through the agent.
 
+mod apply;
 mod bind;
 mod client;
 mod register;
@@ -57,6 +58,14 @@ pub enum Command {
         prefix: String,
         /// Port.
         port: String,
+    },
+    /// Apply many binds and unbinds at once, from FILE or standard input:
+    /// one `bind|unbind <label> <tcp|udp> <prefix> <port>` per line (`#`
+    /// comments and blank lines are ignored). All are checked before any is
+    /// applied; on any error nothing changes.
+    Apply {
+        /// The file; `-` or nothing reads standard input.
+        file: Option<PathBuf>,
     },
     /// List bindings in precedence order: the first that matches wins.
     Bindings,
@@ -125,6 +134,7 @@ pub fn run(cli: Cli) -> CmdResult {
             prefix,
             port,
         } => bind::unbind(&client, &label, &protocol, &prefix, &port),
+        Command::Apply { file } => apply::apply(&client, file.as_deref()),
         Command::Bindings => show::bindings(&client, cli.json),
         Command::Register { label } => register::register(&client, &label),
         Command::RegisterPid {
