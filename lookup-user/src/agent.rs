@@ -147,7 +147,12 @@ async fn serve(mut stream: UnixStream, shared: Shared) -> Result<(), proto::Fram
         };
         // Descriptors travel with the frame that carries them.
         let frame_fds = std::mem::take(&mut fds);
-        let response = match serde_json::from_slice::<Request>(&frame) {
+        let parsed = serde_json::from_slice::<Request>(&frame);
+        // A batch frame can be tens of MiB: free it (and the read buffer's
+        // spare capacity) before the request is applied.
+        drop(frame);
+        buf.shrink_to(64 * 1024);
+        let response = match parsed {
             Ok(request) => {
                 let shared = Arc::clone(&shared);
                 tokio::task::spawn_blocking(move || handle(&shared, request, frame_fds))

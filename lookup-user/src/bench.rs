@@ -426,3 +426,186 @@ pub fn lookup_cost(bpffs: &Path, opts: &Options) -> Result<(Vec<Row>, String)> {
     }
     Ok((rows, report))
 }
+
+/// Results of applying a large batch through a real agent.
+pub struct ApplyResult {
+    /// Bindings applied.
+    pub bindings: usize,
+    /// Wall time of `lookupctl apply`, seconds.
+    pub seconds: f64,
+    /// Peak RSS of the agent, KiB.
+    pub agent_peak_kib: u64,
+    /// Kernel memory of the agent's maps, bytes.
+    pub map_bytes: u64,
+    /// The same bindings inserted one `bpf(2)` call each into the textbook
+    /// design's trie, as a CLI without an agent does, seconds.
+    pub reference_seconds: f64,
+}
+
+fn memlock(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
+    use std::os::fd::AsRawFd as _;
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("memlock:")
+                    .map(|v| v.trim().parse().unwrap_or(0))
+            })
+        })
+        .unwrap_or(0)
+}
+
+fn peak_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmHWM:")
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+        })
+        .unwrap_or(0)
+}
+
+/// Starts `lookupd` (next to this executable) on a bpffs of its own, feeds
+/// it `count` bindings with `lookupctl apply`, and measures.
+pub fn apply_through_agent(scratch: &Path, bpffs: &Path, count: usize) -> Result<ApplyResult> {
+    use std::process::{Command, Stdio};
+    let bin = std::env::current_exe()?
+        .parent()
+        .context("exe dir")?
+        .to_owned();
+    let control = scratch.join("lookupd.sock");
+    let mut agent = Command::new(bin.join("lookupd"))
+        .arg("--bpffs")
+        .arg(bpffs)
+        .arg("--control")
+        .arg(&control)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting lookupd")?;
+    let guard = scopeguard(&mut agent);
+    for _ in 0..200 {
+        if std::os::unix::net::UnixStream::connect(&control).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+
+    let mut rng = Rng(0x00ab_cdef);
+    let mut seen = std::collections::HashSet::new();
+    let mut text = String::with_capacity(count * 40);
+    let mut bindings = Vec::with_capacity(count);
+    while bindings.len() < count {
+        let b = filler(&mut rng);
+        if seen.insert(b.selector()) {
+            writeln!(
+                text,
+                "bind {} {} {} {}",
+                b.label, b.protocol, b.prefix, b.port
+            )?;
+            bindings.push(b);
+        }
+    }
+    drop(seen);
+    let file = scratch.join("bindings.txt");
+    std::fs::write(&file, &text)?;
+    drop(text);
+
+    let started = Instant::now();
+    let out = Command::new(bin.join("lookupctl"))
+        .arg("--control")
+        .arg(&control)
+        .arg("apply")
+        .arg(&file)
+        .output()
+        .context("running lookupctl apply")?;
+    let seconds = started.elapsed().as_secs_f64();
+    ensure!(
+        out.status.success(),
+        "lookupctl apply failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid = guard.0.id();
+    let agent_peak_kib = peak_kib(pid);
+
+    let mut map_bytes = 0;
+    for entry in std::fs::read_dir(bpffs.join("lookup"))? {
+        let dir = entry?.path();
+        for pin in std::fs::read_dir(&dir)? {
+            let pin = pin?.path();
+            let name = pin.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.starts_with("LOOKUP_") {
+                let fd = sys::obj_get(&pin)?;
+                map_bytes += memlock(fd.as_fd());
+            }
+        }
+    }
+    drop(guard);
+
+    // The baseline: the same bindings, one syscall each, into the
+    // reference program's trie.
+    let mut ebpf = EbpfLoader::new().load(BENCH_OBJECT)?;
+    let mut trie: LpmTrie<MapData, lookup_common::BindingKey, BindingValue> = ebpf
+        .take_map("REF_BINDINGS")
+        .context("REF_BINDINGS")?
+        .try_into()?;
+    let started = Instant::now();
+    for b in &bindings {
+        trie.insert(
+            &lpm_trie::Key::new(
+                KEY_HEADER_BITS + u32::from(b.prefix.len()),
+                b.selector().key(),
+            ),
+            BindingValue {
+                destination: 0,
+                prefix_len: u32::from(b.prefix.len()),
+            },
+            0,
+        )?;
+    }
+    let reference_seconds = started.elapsed().as_secs_f64();
+    Ok(ApplyResult {
+        bindings: count,
+        seconds,
+        agent_peak_kib,
+        map_bytes,
+        reference_seconds,
+    })
+}
+
+struct Guard<'a>(&'a mut std::process::Child);
+
+fn scopeguard(child: &mut std::process::Child) -> Guard<'_> {
+    Guard(child)
+}
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The apply figures as a report.
+pub fn apply_report(r: &ApplyResult) -> String {
+    format!(
+        "Applying {} bindings through lookupd (`lookupctl apply`)\n\n\
+         | figure | lookup | baseline: one bpf(2) call per binding into the textbook trie | ratio |\n\
+         |---|---:|---:|---:|\n\
+         | wall time | {:.2} s | {:.2} s | {:.2}x |\n\
+         | bindings per second | {:.0} | {:.0} | {:.2}x |\n\
+         | agent peak RSS | {:.1} MiB | | |\n\
+         | kernel memory of the maps | {:.1} MiB | | |\n",
+        r.bindings,
+        r.seconds,
+        r.reference_seconds,
+        r.seconds / r.reference_seconds,
+        r.bindings as f64 / r.seconds,
+        r.bindings as f64 / r.reference_seconds,
+        (r.bindings as f64 / r.seconds) / (r.bindings as f64 / r.reference_seconds),
+        r.agent_peak_kib as f64 / 1024.0,
+        r.map_bytes as f64 / (1024.0 * 1024.0),
+    )
+}

@@ -1053,30 +1053,23 @@ impl Dispatcher {
         // `net` is in precedence order: additions most specific first,
         // removals least specific first.
         let (adds, removes): (Vec<_>, Vec<_>) = net.iter().partition(|(_, l)| l.is_some());
-        let host_adds: Vec<(BindingKey, BindingValue)> = adds
-            .iter()
-            .filter(|(s, _)| s.prefix.is_host())
-            .map(|(s, l)| {
-                (
-                    s.key(),
-                    BindingValue {
-                        destination: new_id(s, *l).expect("an addition"),
-                        prefix_len: u32::from(s.prefix.len()),
-                    },
-                )
-            })
-            .collect();
+        drop(batch.changes);
+        let mut keys: Vec<BindingKey> = Vec::new();
+        let mut values: Vec<BindingValue> = Vec::new();
+        for (s, l) in adds.iter().filter(|(s, _)| s.prefix.is_host()) {
+            keys.push(s.key());
+            values.push(BindingValue {
+                destination: new_id(s, *l).expect("an addition"),
+                prefix_len: u32::from(s.prefix.len()),
+            });
+        }
         let host_removes: Vec<BindingKey> = removes
             .iter()
             .rev()
             .filter(|(s, _)| s.prefix.is_host())
             .map(|(s, _)| s.key())
             .collect();
-        let hosts_after = self.hosts_count()
-            + host_adds
-                .iter()
-                .filter(|(k, _)| !self.host_bound(k))
-                .count();
+        let hosts_after = self.hosts_count() + keys.iter().filter(|k| !self.host_bound(k)).count();
         if hosts_after > lookup_common::MAX_BINDINGS as usize {
             self.unpin(&ids)?;
             return Err(Error::BatchTooLarge {
@@ -1086,6 +1079,7 @@ impl Dispatcher {
         }
         let mut ops = Vec::new();
         let mut undo_wide = Vec::new();
+        self.tables.begin_batch();
         for (s, l) in adds.iter().filter(|(s, _)| !s.prefix.is_host()) {
             let prev = self
                 .tables
@@ -1096,8 +1090,8 @@ impl Dispatcher {
             let prev = self.tables.set(&s.key(), s.prefix.len(), None, &mut ops);
             undo_wide.push((*s, prev));
         }
+        self.tables.finish_batch(&mut ops);
 
-        let (keys, values): (Vec<_>, Vec<_>) = host_adds.iter().copied().unzip();
         let written = sys::map_update_batch(self.hosts_fd.as_fd(), &keys, &values);
         let failed = match written {
             Ok(()) => self.apply(&ops).err(),
@@ -1112,7 +1106,7 @@ impl Dispatcher {
             let mut restore_keys = Vec::new();
             let mut restore_values = Vec::new();
             let mut delete = Vec::new();
-            for (k, _) in &host_adds {
+            for k in &keys {
                 let sel = net.iter().find(|(s, _)| s.key() == *k).map(|(s, _)| *s);
                 match sel.and_then(|s| self.bindings.get(&s).map(|&id| (s, id))) {
                     Some((s, id)) => {
@@ -1128,9 +1122,11 @@ impl Dispatcher {
             let _ = sys::map_update_batch(self.hosts_fd.as_fd(), &restore_keys, &restore_values);
             let _ = sys::map_delete_batch(self.hosts_fd.as_fd(), &delete);
             let mut undo = Vec::new();
+            self.tables.begin_batch();
             for (s, prev) in undo_wide.into_iter().rev() {
                 self.tables.set(&s.key(), s.prefix.len(), prev, &mut undo);
             }
+            self.tables.finish_batch(&mut undo);
             if let Err(undo_err) = self.apply(&undo) {
                 warn!(error = %undo_err, "could not undo a failed batch; the agent repairs the tables when it restarts");
             }

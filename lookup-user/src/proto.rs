@@ -235,8 +235,10 @@ pub fn take_frame(buf: &mut Vec<u8>) -> Result<Option<Vec<u8>>, FrameError> {
     if buf.len() < 4 + len {
         return Ok(None);
     }
-    let body = buf[4..4 + len].to_vec();
-    buf.drain(..4 + len);
+    // Move the frame out rather than copy it: batches can be large.
+    let rest = buf.split_off(4 + len);
+    let mut body = std::mem::replace(buf, rest);
+    body.drain(..4);
     Ok(Some(body))
 }
 

@@ -253,3 +253,106 @@ fn status_filters_by_label_and_counts_bindings() {
         "status web:\n{text}"
     );
 }
+
+#[test]
+fn apply_changes_all_or_nothing() {
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new(&["192.0.2.0/24"]);
+    let web = TcpEcho::new("web", "127.0.0.1:0");
+    let api = TcpEcho::new("api", "127.0.0.2:0");
+    lab.ctl_ok(&[
+        "register-pid",
+        &std::process::id().to_string(),
+        "web",
+        "tcp",
+        "127.0.0.1",
+        &web.addr().port().to_string(),
+    ]);
+    lab.ctl_ok(&[
+        "register-pid",
+        &std::process::id().to_string(),
+        "api",
+        "tcp",
+        "127.0.0.2",
+        &api.addr().port().to_string(),
+    ]);
+
+    let file = lab.tmp.join("batch.txt");
+    std::fs::write(
+        &file,
+        "# a batch\nbind web tcp 192.0.2.0/24 0\nbind api tcp 192.0.2.7 80\n\nbind api tcp 192.0.2.128/25 443\n",
+    )
+    .expect("write batch");
+    let out = lab.ctl_ok(&["apply", file.to_str().expect("utf-8")]);
+    assert!(
+        out.stdout.contains("applied 3 changes: 3 bound"),
+        "{}",
+        out.stdout
+    );
+    assert_answers(Proto::Tcp, "192.0.2.7:80", "api");
+    assert_answers(Proto::Tcp, "192.0.2.7:81", "web");
+    assert_answers(Proto::Tcp, "192.0.2.200:443", "api");
+    assert_answers(Proto::Tcp, "192.0.2.9:443", "web");
+
+    // A bad line, or an unbind that does not match, refuses the whole batch.
+    let before = lab.bindings_json();
+    std::fs::write(
+        &file,
+        "unbind api tcp 192.0.2.7 80\nbind web tcp 10.0.0.1/8 80\n",
+    )
+    .expect("write");
+    let err = lab.ctl_err(&["apply", file.to_str().expect("utf-8")]);
+    assert!(
+        err.stderr.contains("line 2") && err.stderr.contains("10.0.0.0/8"),
+        "{}",
+        err.stderr
+    );
+    std::fs::write(
+        &file,
+        "unbind api tcp 192.0.2.7 80\nunbind web tcp 192.0.2.128/25 443\n",
+    )
+    .expect("write");
+    let err = lab.ctl_err(&["apply", file.to_str().expect("utf-8")]);
+    assert!(
+        err.stderr.contains("line 2") && err.stderr.contains("\"api\""),
+        "{}",
+        err.stderr
+    );
+    assert_eq!(
+        lab.bindings_json(),
+        before,
+        "a refused batch changed the bindings"
+    );
+    assert_answers(Proto::Tcp, "192.0.2.7:80", "api");
+
+    // Moves and removals, from standard input.
+    let mut cmd = Command::new(bins::binary(bins::LOOKUPCTL));
+    cmd.args([
+        "--control",
+        lab.control().to_str().expect("utf-8"),
+        "apply",
+        "-",
+    ]);
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn lookupctl");
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(b"bind web tcp 192.0.2.7 80\nunbind api tcp 192.0.2.128/25 443\n")
+            .expect("write stdin");
+    }
+    let out = child.wait_with_output().expect("lookupctl apply -");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("1 moved, 1 unbound"), "{stdout}");
+    assert_answers(Proto::Tcp, "192.0.2.7:80", "web");
+    assert_answers(Proto::Tcp, "192.0.2.200:443", "web");
+}

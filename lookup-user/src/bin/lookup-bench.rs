@@ -25,6 +25,9 @@ struct Args {
     /// Trials per figure (the median is reported).
     #[arg(long, default_value_t = 5)]
     trials: usize,
+    /// Bindings to apply through a real agent (0 skips that part).
+    #[arg(long, default_value_t = 1_000_000)]
+    apply: usize,
 }
 
 fn isolate() -> Result<tempdir::Dir> {
@@ -89,6 +92,22 @@ fn main() -> ExitCode {
         };
         let (_, report) = bench::lookup_cost(dir.path(), &opts)?;
         println!("{report}");
+        if args.apply > 0 {
+            let bpffs = tempdir::Dir::new()?;
+            mount(
+                Some("bpf"),
+                bpffs.path(),
+                Some("bpf"),
+                MsFlags::empty(),
+                None::<&str>,
+            )
+            .context("mounting bpffs")?;
+            let scratch = tempdir::Dir::new()?;
+            let r = bench::apply_through_agent(scratch.path(), bpffs.path(), args.apply)?;
+            println!("{}", bench::apply_report(&r));
+            let _ = std::fs::remove_file(scratch.path().join("bindings.txt"));
+            let _ = std::fs::remove_file(scratch.path().join("lookupd.sock"));
+        }
         Ok(())
     };
     match run() {
