@@ -609,3 +609,370 @@ pub fn apply_report(r: &ApplyResult) -> String {
         r.map_bytes as f64 / (1024.0 * 1024.0),
     )
 }
+
+/// Results of the live-traffic phase.
+pub struct TrafficResult {
+    /// TCP connections per second: straight to the server, and steered by
+    /// the dispatcher holding `bindings` bindings.
+    pub tcp_direct: f64,
+    /// See `tcp_direct`.
+    pub tcp_steered: f64,
+    /// Straight to the server with the dispatcher attached (a miss).
+    pub tcp_attached: f64,
+    /// See `tcp_attached`.
+    pub udp_attached: f64,
+    /// UDP request/response exchanges per second, direct and steered.
+    pub udp_direct: f64,
+    /// See `udp_direct`.
+    pub udp_steered: f64,
+    /// Bindings the dispatcher held while steering.
+    pub bindings: usize,
+    /// Binding changes per second the agent absorbed during the churn run.
+    pub churn_rate: f64,
+    /// Changes applied during the churn run.
+    pub churn_changes: usize,
+    /// Connections made during the churn run, to changing and to unchanged
+    /// bindings.
+    pub churn_connections: (usize, usize),
+    /// Connections answered by a server their binding never pointed at.
+    pub misdirected: usize,
+    /// Connections to unchanged bindings that failed.
+    pub failed_unchanged: usize,
+    /// Connections to changing bindings that failed.
+    pub failed_changing: usize,
+}
+
+fn tcp_server(name: &'static str) -> Result<(std::net::TcpListener, u16)> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = l.local_addr()?.port();
+    let server = l.try_clone()?;
+    std::thread::spawn(move || {
+        for c in server.incoming() {
+            let Ok(mut c) = c else { continue };
+            let _ = std::io::Write::write_all(&mut c, name.as_bytes());
+        }
+    });
+    Ok((l, port))
+}
+
+fn udp_server(name: &'static str) -> Result<(std::net::UdpSocket, u16)> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let port = s.local_addr()?.port();
+    let server = s.try_clone()?;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((_, peer)) = server.recv_from(&mut buf) {
+            let _ = server.send_to(name.as_bytes(), peer);
+        }
+    });
+    Ok((s, port))
+}
+
+/// One TCP connection: who answered, or the error.
+fn dial(addr: SocketAddr) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+    // Abortive close: no TIME_WAIT, so a long run does not run out of ports.
+    nix::sys::socket::setsockopt(
+        &s,
+        nix::sys::socket::sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )?;
+    let mut name = String::new();
+    s.read_to_string(&mut name)?;
+    Ok(name)
+}
+
+fn rate(seconds: f64, mut once: impl FnMut() -> Result<()>) -> Result<f64> {
+    let started = Instant::now();
+    let mut n = 0u64;
+    while started.elapsed().as_secs_f64() < seconds {
+        once()?;
+        n += 1;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Live traffic through a real agent: connection and datagram rates with and
+/// without the dispatcher (the same servers), then sustained churn while
+/// connections run. Runs in a network namespace of its own; `bpffs` must be
+/// a fresh bpffs.
+pub fn traffic(
+    scratch: &Path,
+    bpffs: &Path,
+    bindings: usize,
+    churn_seconds: f64,
+) -> Result<TrafficResult> {
+    use std::process::{Command, Stdio};
+
+    use crate::{cli::Client, proto::Request};
+    unshare_net()?;
+    // One CPU for client, servers and agent: on a small VM, where the
+    // scheduler places two ping-ponging threads swings a run by tens of
+    // percent; on one CPU the comparison is of the work done.
+    let mut one = nix::sched::CpuSet::new();
+    one.set(0)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one)
+        .context("sched_setaffinity")?;
+
+    let (_a, a_port) = tcp_server("A")?;
+    let (_b, _) = tcp_server("B")?;
+    let (_c, _) = tcp_server("C")?;
+    let (ua, ua_port) = udp_server("A")?;
+    let udp_client = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    udp_client.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+    let exchange = |target: SocketAddr| -> Result<()> {
+        udp_client.send_to(b"x", target)?;
+        let mut buf = [0u8; 8];
+        let (n, _) = udp_client.recv_from(&mut buf)?;
+        ensure!(&buf[..n] == b"A", "UDP answered by {:?}", &buf[..n]);
+        Ok(())
+    };
+    let direct_tcp: SocketAddr = format!("127.0.0.1:{a_port}").parse()?;
+    let direct_udp: SocketAddr = format!("127.0.0.1:{ua_port}").parse()?;
+
+    // Direct rates, before any program is attached to this namespace.
+    let mut tcp_direct = Vec::new();
+    let mut udp_direct = Vec::new();
+    for _ in 0..5 {
+        tcp_direct.push(rate(0.5, || {
+            ensure!(dial(direct_tcp)? == "A", "wrong server");
+            Ok(())
+        })?);
+        udp_direct.push(rate(0.5, || exchange(direct_udp))?);
+    }
+
+    // The agent, with `bindings` filler bindings plus the ones we dial.
+    let bin = std::env::current_exe()?
+        .parent()
+        .context("exe dir")?
+        .to_owned();
+    let control = scratch.join("traffic.sock");
+    let mut agent = Command::new(bin.join("lookupd"))
+        .arg("--bpffs")
+        .arg(bpffs)
+        .arg("--control")
+        .arg(&control)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting lookupd")?;
+    let _guard = scopeguard(&mut agent);
+    for _ in 0..200 {
+        if std::os::unix::net::UnixStream::connect(&control).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    let client = Client::new(control.clone(), false);
+    for (label, fd) in [
+        ("A", _a.as_fd()),
+        ("B", _b.as_fd()),
+        ("C", _c.as_fd()),
+        ("A", ua.as_fd()),
+    ] {
+        client
+            .call(
+                &Request::Register {
+                    label: label.parse()?,
+                    names: vec![format!("bench {label}")],
+                },
+                &[fd],
+            )
+            .map_err(anyhow::Error::msg)?;
+    }
+    let mut text = String::new();
+    let mut rng = Rng(0x7e57);
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < bindings {
+        let b = filler(&mut rng);
+        if seen.insert(b.selector()) {
+            writeln!(
+                text,
+                "bind {} {} {} {}",
+                b.label, b.protocol, b.prefix, b.port
+            )?;
+        }
+    }
+    drop(seen);
+    // Dialled: a stable /24 on C; 4096 hosts in 100.64/20 that move between
+    // A and B, under a /16 on C that must never answer for them.
+    writeln!(text, "bind C tcp 198.51.100.0/24 80")?;
+    writeln!(text, "bind A tcp 198.51.101.0/24 80")?;
+    writeln!(text, "bind A udp 198.51.101.0/24 53")?;
+    writeln!(text, "bind C tcp 100.64.0.0/16 80")?;
+    const MOVING: u32 = 4096;
+    for i in 0..MOVING {
+        writeln!(text, "bind A tcp {} 80", Ipv4Addr::from(0x6440_0000 + i))?;
+    }
+    client
+        .call(&Request::Apply { lines: text }, &[])
+        .map_err(anyhow::Error::msg)?;
+    for p in ["198.51.100.0/24", "198.51.101.0/24", "100.64.0.0/16"] {
+        let s = Command::new("ip")
+            .args(["route", "add", "local", p, "dev", "lo"])
+            .status()?;
+        ensure!(s.success(), "ip route add local {p}");
+    }
+
+    let steered_tcp: SocketAddr = "198.51.101.7:80".parse()?;
+    let steered_udp: SocketAddr = "198.51.101.7:53".parse()?;
+    // Alternate, so drift on a busy machine hits both sides alike. "Direct"
+    // here reaches the server at its own address with the program attached
+    // (a miss, so the normal lookup): the cost of having the dispatcher.
+    let (mut tcp_steered, mut udp_steered) = (Vec::new(), Vec::new());
+    let (mut tcp_attached, mut udp_attached) = (Vec::new(), Vec::new());
+    for _ in 0..10 {
+        tcp_steered.push(rate(0.25, || {
+            ensure!(dial(steered_tcp)? == "A", "wrong server");
+            Ok(())
+        })?);
+        tcp_attached.push(rate(0.25, || {
+            ensure!(dial(direct_tcp)? == "A", "wrong server");
+            Ok(())
+        })?);
+        udp_steered.push(rate(0.25, || exchange(steered_udp))?);
+        udp_attached.push(rate(0.25, || exchange(direct_udp))?);
+    }
+    // The churn below runs on both CPUs.
+    let mut all = nix::sched::CpuSet::new();
+    for cpu in 0..nix::sched::CpuSet::count() {
+        let _ = all.set(cpu);
+    }
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &all)
+        .context("sched_setaffinity")?;
+
+    // Churn: one thread moves the 4096 hosts between A and B in batches as
+    // fast as the agent takes them; this thread dials meanwhile.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churner = {
+        let stop = std::sync::Arc::clone(&stop);
+        let control = control.clone();
+        std::thread::spawn(move || -> Result<(usize, f64)> {
+            let client = Client::new(control, false);
+            let started = Instant::now();
+            let mut changes = 0usize;
+            let mut round = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let label = if round % 2 == 0 { "B" } else { "A" };
+                let mut lines = String::with_capacity(MOVING as usize * 32);
+                for i in 0..MOVING {
+                    writeln!(
+                        lines,
+                        "bind {label} tcp {} 80",
+                        Ipv4Addr::from(0x6440_0000 + i)
+                    )?;
+                }
+                client
+                    .call(&Request::Apply { lines }, &[])
+                    .map_err(anyhow::Error::msg)?;
+                changes += MOVING as usize;
+                round += 1;
+            }
+            Ok((changes, started.elapsed().as_secs_f64()))
+        })
+    };
+    let (mut misdirected, mut failed_unchanged, mut failed_changing) = (0, 0, 0);
+    let (mut to_changing, mut to_unchanged) = (0, 0);
+    let started = Instant::now();
+    let mut i = 0u32;
+    while started.elapsed().as_secs_f64() < churn_seconds {
+        let moving: SocketAddr =
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0x6440_0000 + i % MOVING)), 80);
+        match dial(moving) {
+            Ok(n) if n == "A" || n == "B" => {}
+            Ok(_) => misdirected += 1,
+            Err(_) => failed_changing += 1,
+        }
+        to_changing += 1;
+        let fixed: SocketAddr = SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(198, 51, 100, (i % 250) as u8 + 1)),
+            80,
+        );
+        match dial(fixed) {
+            Ok(n) if n == "C" => {}
+            Ok(_) => misdirected += 1,
+            Err(_) => failed_unchanged += 1,
+        }
+        to_unchanged += 1;
+        i = i.wrapping_add(1);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (churn_changes, churn_secs) = churner
+        .join()
+        .map_err(|_| anyhow::anyhow!("churn thread panicked"))??;
+    let med = |v: Vec<f64>| {
+        let mut v = v;
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok(TrafficResult {
+        tcp_direct: med(tcp_direct),
+        tcp_attached: med(tcp_attached),
+        tcp_steered: med(tcp_steered),
+        udp_direct: med(udp_direct),
+        udp_attached: med(udp_attached),
+        udp_steered: med(udp_steered),
+        bindings: bindings + 4 + MOVING as usize,
+        churn_rate: churn_changes as f64 / churn_secs,
+        churn_changes,
+        churn_connections: (to_changing, to_unchanged),
+        misdirected,
+        failed_unchanged,
+        failed_changing,
+    })
+}
+
+fn unshare_net() -> Result<()> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).context("unshare")?;
+    let s = std::process::Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()?;
+    ensure!(s.success(), "ip link set lo up");
+    Ok(())
+}
+
+/// The traffic figures as a report.
+pub fn traffic_report(r: &TrafficResult) -> String {
+    format!(
+        "Live traffic on loopback, one client, everything pinned to one CPU; medians of 5 \
+         half-second runs without a program, then of 10 quarter-second runs of each, alternating, \
+         with the dispatcher attached\n\n\
+         | figure | direct, no program | direct, dispatcher attached | steered ({} bindings) | steered / direct, no program | steered / direct, attached |\n\
+         |---|---:|---:|---:|---:|---:|\n\
+         | TCP connections per second | {:.0} | {:.0} | {:.0} | {:.3}x | {:.3}x |\n\
+         | UDP request/response per second | {:.0} | {:.0} | {:.0} | {:.3}x | {:.3}x |\n\n\
+         Churn: 4096 host bindings moved between two labels in batches through lookupd while connections ran\n\n\
+         | figure | value |\n\
+         |---|---:|\n\
+         | binding changes applied | {} |\n\
+         | changes per second | {:.0} |\n\
+         | connections to changing bindings | {} |\n\
+         | connections to unchanged bindings | {} |\n\
+         | misdirected connections | {} |\n\
+         | failed connections to unchanged bindings | {} |\n\
+         | failed connections to changing bindings | {} |\n",
+        r.bindings,
+        r.tcp_direct,
+        r.tcp_attached,
+        r.tcp_steered,
+        r.tcp_steered / r.tcp_direct,
+        r.tcp_steered / r.tcp_attached,
+        r.udp_direct,
+        r.udp_attached,
+        r.udp_steered,
+        r.udp_steered / r.udp_direct,
+        r.udp_steered / r.udp_attached,
+        r.churn_changes,
+        r.churn_rate,
+        r.churn_connections.0,
+        r.churn_connections.1,
+        r.misdirected,
+        r.failed_unchanged,
+        r.failed_changing,
+    )
+}

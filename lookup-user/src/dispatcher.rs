@@ -1187,7 +1187,8 @@ impl Dispatcher {
     }
 
     fn hosts_count(&self) -> usize {
-        self.bindings.keys().filter(|s| s.prefix.is_host()).count()
+        // Every binding is either a host binding or one of the tables'.
+        self.bindings.len() - self.tables.len()
     }
 
     fn host_bound(&self, key: &BindingKey) -> bool {

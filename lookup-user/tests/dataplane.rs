@@ -256,6 +256,52 @@ fn data_plane_matches_precedence_order() {
                 .unwrap_or_else(|e| panic!("seed {seed}: unbind {b}: {e}"));
         }
         assert!(d.bindings().is_empty());
+
+        // The same through batches: a random set in one batch, then a batch
+        // that moves, removes and adds at once.
+        let text = |lines: &[(bool, Binding)]| {
+            lines
+                .iter()
+                .map(|(bind, b)| {
+                    format!(
+                        "{} {} {} {} {}\n",
+                        if *bind { "bind" } else { "unbind" },
+                        b.label,
+                        b.protocol,
+                        b.prefix,
+                        b.port
+                    )
+                })
+                .collect::<String>()
+        };
+        let first: Vec<(bool, Binding)> = (0..400)
+            .map(|_| (true, random_binding(&mut rng, &labels)))
+            .collect();
+        d.apply_batch(lookup::batch::parse(&text(&first)).expect("batch parses"))
+            .unwrap_or_else(|e| panic!("seed {seed}: first batch: {e}"));
+        check_lookups(seed, &mut rng, &d, &prog, &cookies, 1000);
+        let mut second = Vec::new();
+        for b in d.bindings() {
+            match rng.below(3) {
+                0 => second.push((false, b)),
+                1 => {
+                    let mut moved = b.clone();
+                    moved.label = labels[rng.below(labels.len())].clone();
+                    second.push((true, moved));
+                }
+                _ => {}
+            }
+        }
+        for _ in 0..150 {
+            second.push((true, random_binding(&mut rng, &labels)));
+        }
+        d.apply_batch(lookup::batch::parse(&text(&second)).expect("batch parses"))
+            .unwrap_or_else(|e| panic!("seed {seed}: second batch: {e}"));
+        check_lookups(seed, &mut rng, &d, &prog, &cookies, 1000);
+        let all: Vec<(bool, Binding)> = d.bindings().into_iter().map(|b| (false, b)).collect();
+        d.apply_batch(lookup::batch::parse(&text(&all)).expect("batch parses"))
+            .unwrap_or_else(|e| panic!("seed {seed}: emptying batch: {e}"));
+        assert!(d.bindings().is_empty());
         let (s, x, p) = check_lookups(seed, &mut rng, &d, &prog, &cookies, 200);
         assert_eq!(
             (s, x),

@@ -28,6 +28,13 @@ struct Args {
     /// Bindings to apply through a real agent (0 skips that part).
     #[arg(long, default_value_t = 1_000_000)]
     apply: usize,
+    /// Bindings the dispatcher holds during the live-traffic part (0 skips
+    /// that part).
+    #[arg(long, default_value_t = 1_000_000)]
+    traffic: usize,
+    /// Seconds of churn with live connections.
+    #[arg(long, default_value_t = 5.0)]
+    churn_seconds: f64,
 }
 
 fn isolate() -> Result<tempdir::Dir> {
@@ -107,6 +114,26 @@ fn main() -> ExitCode {
             println!("{}", bench::apply_report(&r));
             let _ = std::fs::remove_file(scratch.path().join("bindings.txt"));
             let _ = std::fs::remove_file(scratch.path().join("lookupd.sock"));
+        }
+        if args.traffic > 0 {
+            let bpffs = tempdir::Dir::new()?;
+            mount(
+                Some("bpf"),
+                bpffs.path(),
+                Some("bpf"),
+                MsFlags::empty(),
+                None::<&str>,
+            )
+            .context("mounting bpffs")?;
+            let scratch = tempdir::Dir::new()?;
+            let r = bench::traffic(
+                scratch.path(),
+                bpffs.path(),
+                args.traffic,
+                args.churn_seconds,
+            )?;
+            println!("{}", bench::traffic_report(&r));
+            let _ = std::fs::remove_file(scratch.path().join("traffic.sock"));
         }
         Ok(())
     };
