@@ -63,6 +63,11 @@ type Shared = Arc<Mutex<Dispatcher>>;
 /// Runs the agent until SIGTERM or SIGINT. Steering stays in place after it
 /// returns: everything the data plane needs is pinned.
 pub async fn run(config: Config) -> Result<(), Error> {
+    raise_fd_limit();
+    // Check the control path first: a second agent for the same socket
+    // must fail before it touches any namespace. It is bound only once the
+    // dispatcher is ready, so a client that can connect is served.
+    check_control(&config.control).await?;
     let dispatcher = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || {
@@ -71,10 +76,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
         .await
         .expect("dispatcher setup panicked")?
     };
+    let listener = listen(&config.control).await?;
     let state_dir = dispatcher.location().dir.clone();
     let shared: Shared = Arc::new(Mutex::new(dispatcher));
 
-    let listener = listen(&config.control).await?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
     info!(control = %config.control.display(), state = %state_dir.display(), "lookupd ready");
@@ -92,7 +97,12 @@ pub async fn run(config: Config) -> Result<(), Error> {
                         }
                     });
                 }
-                Err(e) => warn!(error = %e, "accept on control socket failed"),
+                Err(e) => {
+                    // Out of descriptors, most likely: say so once in a while
+                    // and let connections drain rather than spin.
+                    warn!(error = %e, "accept on control socket failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
             },
             _ = sigterm.recv() => { info!("SIGTERM: stopping, steering stays in place"); break; }
             _ = sigint.recv() => { info!("SIGINT: stopping, steering stays in place"); break; }
@@ -100,6 +110,33 @@ pub async fn run(config: Config) -> Result<(), Error> {
     }
     notify("STOPPING=1");
     let _ = std::fs::remove_file(&config.control);
+    Ok(())
+}
+
+/// Fails if `path` is taken by a live agent or by something that is not a
+/// socket; removes the socket file a killed agent left.
+async fn check_control(path: &Path) -> Result<(), Error> {
+    let control_err = |source| Error::Control {
+        path: path.to_owned(),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt as _;
+        if !meta.file_type().is_socket() {
+            return Err(Error::Control {
+                path: path.to_owned(),
+                source: io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "a file that is not a socket is in the way; choose another --control path",
+                ),
+            });
+        }
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(Error::ControlInUse(path.to_owned()));
+        }
+        // A socket file left behind by an agent that was killed.
+        std::fs::remove_file(path).map_err(control_err)?;
+    }
     Ok(())
 }
 
@@ -115,13 +152,8 @@ async fn listen(path: &Path) -> Result<UnixListener, Error> {
             .create(parent)
             .map_err(control_err)?;
     }
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(Error::ControlInUse(path.to_owned()));
-        }
-        // A socket file left behind by an agent that was killed.
-        std::fs::remove_file(path).map_err(control_err)?;
-    }
+    // A stale socket can appear between the check and here only if another
+    // agent raced us for the same path; bind then fails with EADDRINUSE.
     let listener = UnixListener::bind(path).map_err(control_err)?;
     // Root only by default: whoever can talk to the agent can steer traffic.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(control_err)?;
@@ -129,29 +161,30 @@ async fn listen(path: &Path) -> Result<UnixListener, Error> {
 }
 
 async fn serve(mut stream: UnixStream, shared: Shared) -> Result<(), proto::FrameError> {
-    let mut buf = Vec::new();
-    let mut fds: Vec<OwnedFd> = Vec::new();
     loop {
-        let frame = loop {
-            if let Some(frame) = proto::take_frame(&mut buf)? {
-                break frame;
-            }
-            let n = stream
-                .async_io(Interest::READABLE, || {
-                    proto::recv_with_fds(stream.as_fd(), &mut buf, &mut fds)
-                })
-                .await?;
-            if n == 0 {
-                return Err(proto::FrameError::Closed);
-            }
-        };
-        // Descriptors travel with the frame that carries them.
-        let frame_fds = std::mem::take(&mut fds);
+        // Read exactly one frame, header then body, never a byte beyond it:
+        // the descriptors that arrive meanwhile are this frame's, even when
+        // a client pipelines several frames.
+        let mut frame_fds: Vec<OwnedFd> = Vec::new();
+        let mut header = Vec::with_capacity(4);
+        read_exact(&stream, &mut header, 4, &mut frame_fds).await?;
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        if len > proto::MAX_FRAME {
+            let refusal = proto::encode(&Response::Error {
+                message: format!(
+                    "request of {len} bytes exceeds the limit of {}",
+                    proto::MAX_FRAME
+                ),
+            })?;
+            stream.write_all(&refusal).await?;
+            return Err(proto::FrameError::TooLarge(len));
+        }
+        let mut frame = Vec::with_capacity(len);
+        read_exact(&stream, &mut frame, len, &mut frame_fds).await?;
         let parsed = serde_json::from_slice::<Request>(&frame);
         // A batch frame can be tens of MiB: free it (and the read buffer's
         // spare capacity) before the request is applied.
         drop(frame);
-        buf.shrink_to(64 * 1024);
         let response = match parsed {
             Ok(request) => {
                 let shared = Arc::clone(&shared);
@@ -168,8 +201,33 @@ async fn serve(mut stream: UnixStream, shared: Shared) -> Result<(), proto::Fram
                 message: format!("malformed request: {e}"),
             },
         };
-        stream.write_all(&proto::encode(&response)?).await?;
+        let frame = proto::encode(&response).or_else(|e| {
+            proto::encode(&Response::Error {
+                message: format!("the answer could not be sent: {e}"),
+            })
+        })?;
+        stream.write_all(&frame).await?;
     }
+}
+
+async fn read_exact(
+    stream: &UnixStream,
+    buf: &mut Vec<u8>,
+    want: usize,
+    fds: &mut Vec<OwnedFd>,
+) -> Result<(), proto::FrameError> {
+    while buf.len() < want {
+        let max = want - buf.len();
+        let n = stream
+            .async_io(Interest::READABLE, || {
+                proto::recv_with_fds(stream.as_fd(), buf, fds, max)
+            })
+            .await?;
+        if n == 0 {
+            return Err(proto::FrameError::Closed);
+        }
+    }
+    Ok(())
 }
 
 /// Applies one request. Every refusal leaves the state as it was.
@@ -195,6 +253,13 @@ pub fn handle(shared: &Mutex<Dispatcher>, request: Request, fds: Vec<OwnedFd>) -
             .unwrap_or_else(fail),
         Request::Bindings => Response::Bindings {
             bindings: d.bindings(),
+        },
+        Request::Register { .. } if fds.len() > proto::MAX_FDS => Response::Error {
+            message: format!(
+                "{} sockets in one request: at most {} can be registered at once",
+                fds.len(),
+                proto::MAX_FDS
+            ),
         },
         Request::Register { label, names } => {
             let sockets = fds
@@ -238,6 +303,17 @@ pub fn handle(shared: &Mutex<Dispatcher>, request: Request, fds: Vec<OwnedFd>) -
                 }
             }
         }
+    }
+}
+
+/// Raises the soft descriptor limit to the hard one: every control
+/// connection and every socket in flight takes a descriptor.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
 

@@ -858,7 +858,7 @@ pub fn traffic(
             let mut changes = 0usize;
             let mut round = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let label = if round % 2 == 0 { "B" } else { "A" };
+                let label = if round.is_multiple_of(2) { "B" } else { "A" };
                 let mut lines = String::with_capacity(MOVING as usize * 32);
                 for i in 0..MOVING {
                     writeln!(

@@ -276,7 +276,11 @@ impl FromStr for Prefix {
         {
             {
                 let hint = match len.and_then(|l| l.parse::<u8>().ok()) {
-                    Some(l) if (96..128).contains(&l) => format!("{v4}/{}", l - 96),
+                    Some(l) if (96..128).contains(&l) => {
+                        let l = l - 96;
+                        let m = u32::MAX.checked_shl(32 - u32::from(l)).unwrap_or(0);
+                        format!("{}/{l}", Ipv4Addr::from(u32::from(v4) & m))
+                    }
                     _ => v4.to_string(),
                 };
                 return Err(ParseError::Mapped {
@@ -464,6 +468,7 @@ impl fmt::Display for Selector {
 
 /// A binding: traffic matching a selector goes to a label.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Binding {
     /// The label whose socket takes the traffic.
     pub label: Label,
@@ -562,6 +567,10 @@ mod tests {
         let mapped = err("::ffff:192.0.2.1");
         assert!(mapped.contains("use the IPv4 form 192.0.2.1"), "{mapped}");
         assert!(err("::ffff:192.0.2.0/120").contains("192.0.2.0/24"));
+        assert!(
+            err("::ffff:192.0.2.1/120").contains("192.0.2.0/24"),
+            "hint must be valid"
+        );
     }
 
     #[test]

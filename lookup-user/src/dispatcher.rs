@@ -189,6 +189,11 @@ pub enum Error {
         /// Its size.
         limit: usize,
     },
+    /// The pinned state was removed while the agent ran.
+    #[error(
+        "the pinned state at {0} was removed while lookupd ran, so nothing is steered: restart lookupd to attach a new one"
+    )]
+    StateGone(PathBuf),
     /// `status` of a label that has neither bindings nor sockets.
     #[error("unknown label {0:?}: no bindings and no registered sockets")]
     UnknownLabel(String),
@@ -308,6 +313,18 @@ impl Location {
             path: netns.to_owned(),
             source,
         })?;
+        const NSFS_MAGIC: i64 = 0x6e73_6673;
+        let is_ns =
+            nix::sys::statfs::fstatfs(&ns).is_ok_and(|st| st.filesystem_type().0 == NSFS_MAGIC);
+        if !is_ns {
+            return Err(Error::Netns {
+                path: netns.to_owned(),
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "not a network namespace (expected e.g. /proc/<pid>/ns/net or /run/netns/<name>)",
+                ),
+            });
+        }
         let netns_ino = ns.metadata().map_err(io_err("stat netns"))?.ino();
         Ok((
             Self {
@@ -450,6 +467,7 @@ impl Dispatcher {
         let base_lock =
             File::open(&base).map_err(io_err(format!("cannot open {}", base.display())))?;
         let base_lock = lock(base_lock, &base, FlockArg::LockExclusive)?;
+        Self::remove_leftovers(&location, &base)?;
         if !location.dir.exists() {
             Self::create(&location, &base, &ns)?;
         }
@@ -458,6 +476,37 @@ impl Dispatcher {
         let lock = lock(dir_file, &location.dir, FlockArg::LockExclusiveNonblock)?;
         drop(base_lock);
         Self::open(location, lock)
+    }
+
+    /// Under the base lock: removes half-built states that a crashed agent
+    /// left (their links would stay attached), and a state whose namespace
+    /// died and whose inode number the kernel has since given to ours.
+    fn remove_leftovers(location: &Location, base: &Path) -> Result<()> {
+        let prefix = format!("tmp-{}-", location.netns_ino);
+        if let Ok(entries) = fs::read_dir(base) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                if name.to_string_lossy().starts_with(&prefix) {
+                    warn!(dir = %entry.path().display(), "removing a state a crashed lookupd left half built");
+                    fs::remove_dir_all(entry.path())
+                        .map_err(io_err(format!("cannot remove {}", entry.path().display())))?;
+                }
+            }
+        }
+        if !location.dir.exists() {
+            return Ok(());
+        }
+        let Ok(link) = sys::obj_get(&location.dir.join(LINK_PIN)) else {
+            return Ok(());
+        };
+        // A link whose namespace is gone reads inode 0: that state steers
+        // nothing and belongs to no one.
+        if sys::netns_link_info(link.as_fd()).is_ok_and(|info| info.netns_ino == 0) {
+            warn!(dir = %location.dir.display(), "removing the state of a network namespace that no longer exists");
+            fs::remove_dir_all(&location.dir)
+                .map_err(io_err(format!("cannot remove {}", location.dir.display())))?;
+        }
+        Ok(())
     }
 
     fn create(location: &Location, base: &Path, ns: &File) -> Result<()> {
@@ -561,6 +610,7 @@ impl Dispatcher {
                 link.netns_ino, location.netns_ino
             )));
         }
+        Self::repin_linked_program(&dir, link.prog_id)?;
         let pinned = SkLookup::from_pin(dir.join(PROGRAM_PIN))
             .map_err(prog_err("cannot open the pinned program"))?;
         let pinned_info = pinned
@@ -601,6 +651,39 @@ impl Dispatcher {
             "opened dispatcher"
         );
         Ok(d)
+    }
+
+    /// The link is the truth about which program runs. An agent killed in
+    /// the middle of an upgrade can leave `program` naming the old one (and
+    /// `program-new` the new): pin whatever the link runs as `program`.
+    fn repin_linked_program(dir: &Path, linked: u32) -> Result<()> {
+        let staged = dir.join("program-new");
+        let pinned_id = |path: &Path| {
+            SkLookup::from_pin(path)
+                .ok()
+                .and_then(|p| p.info().ok().map(|i| i.id()))
+        };
+        if pinned_id(&dir.join(PROGRAM_PIN)) == Some(linked) {
+            let _ = fs::remove_file(&staged);
+            return Ok(());
+        }
+        if pinned_id(&staged) == Some(linked) {
+            fs::rename(&staged, dir.join(PROGRAM_PIN))
+                .map_err(io_err("cannot finish an interrupted upgrade"))?;
+        } else {
+            let _ = fs::remove_file(&staged);
+            let fd = sys::prog_fd_by_id(linked).map_err(io_err(format!(
+                "cannot open program {linked} that the link runs"
+            )))?;
+            sys::obj_pin(fd.as_fd(), &staged).map_err(io_err("cannot pin the linked program"))?;
+            fs::rename(&staged, dir.join(PROGRAM_PIN))
+                .map_err(io_err("cannot pin the linked program"))?;
+        }
+        warn!(
+            program = linked,
+            "re-pinned the program the link runs (an upgrade was interrupted)"
+        );
+        Ok(())
     }
 
     /// Loads this build's program against the pinned maps; if its tag differs
@@ -692,6 +775,10 @@ impl Dispatcher {
                 );
                 continue;
             };
+            if destination >= MAX_DESTINATIONS {
+                warn!(%selector, id = destination, "ignoring a binding with an out-of-range destination");
+                continue;
+            }
             if self.destination(destination).is_none() {
                 warn!(%selector, id = destination, "binding points at an unknown destination");
             }
@@ -898,8 +985,19 @@ impl Dispatcher {
         Err(e)
     }
 
+    /// Refuses changes once the pinned state has been removed under a
+    /// running agent: they would land in maps that steer nothing.
+    fn ensure_pinned(&self) -> Result<()> {
+        if self.location.dir.join(LINK_PIN).exists() {
+            Ok(())
+        } else {
+            Err(Error::StateGone(self.location.dir.clone()))
+        }
+    }
+
     /// Adds a binding, or moves an existing one to another label.
     pub fn bind(&mut self, binding: &Binding) -> Result<String> {
+        self.ensure_pinned()?;
         let selector = binding.selector();
         let dest = Destination {
             label: binding.label.clone(),
@@ -938,6 +1036,7 @@ impl Dispatcher {
 
     /// Removes a binding whose label must match.
     pub fn unbind(&mut self, binding: &Binding) -> Result<String> {
+        self.ensure_pinned()?;
         let selector = binding.selector();
         let Some(&id) = self.bindings.get(&selector) else {
             return Err(Error::NoSuchBinding(selector));
@@ -963,6 +1062,7 @@ impl Dispatcher {
     /// from the most specific, removals last from the least specific, with
     /// batched syscalls for host bindings. On any error nothing changes.
     pub fn apply_batch(&mut self, mut batch: crate::batch::Batch) -> Result<String> {
+        self.ensure_pinned()?;
         use crate::batch::Change;
         let total = batch.changes.len();
         // Net effect per selector: group a selector's changes (stable sort
@@ -1251,6 +1351,7 @@ impl Dispatcher {
         label: &Label,
         sockets: Vec<(OwnedFd, String)>,
     ) -> Result<Vec<String>> {
+        self.ensure_pinned()?;
         if sockets.is_empty() {
             return Err(Error::NoSockets);
         }
@@ -1292,21 +1393,41 @@ impl Dispatcher {
             chosen.push((dest, fd, name, info));
         }
 
+        // Every destination first (pinned so that allocating one cannot
+        // reclaim another), so that running out of ids refuses the whole
+        // request before any socket is swapped in.
+        let mut ids = Vec::new();
+        for (dest, ..) in &chosen {
+            match self.ensure_destination(dest) {
+                Ok((id, _)) => {
+                    self.refcount[id as usize] += 1;
+                    ids.push(id);
+                }
+                Err(e) => {
+                    for &id in &ids {
+                        self.refcount[id as usize] -= 1;
+                        self.release_destination(id)?;
+                    }
+                    return Err(e);
+                }
+            }
+        }
         let mut messages = Vec::new();
-        for (dest, fd, _name, info) in chosen {
-            let (id, fresh) = self.ensure_destination(&dest)?;
+        let mut failure = None;
+        for ((dest, fd, _name, info), &id) in chosen.into_iter().zip(&ids) {
+            if failure.is_some() {
+                break;
+            }
             let replaced = self.socket_cookie(id)?;
             if let Err(e) = sys::sockmap_update(self.sockets.fd().as_fd(), id, fd.as_fd()) {
-                if fresh {
-                    self.release_destination(id)?;
-                }
-                return Err(Error::Io {
+                failure = Some(Error::Io {
                     what: format!(
                         "cannot register {} {} {} socket {}",
                         dest.label, dest.family, dest.protocol, info.local
                     ),
                     source: e,
                 });
+                break;
             }
             drop(fd);
             messages.push(match replaced {
@@ -1320,7 +1441,14 @@ impl Dispatcher {
                 ),
             });
         }
-        Ok(messages)
+        for &id in &ids {
+            self.refcount[id as usize] -= 1;
+            self.release_destination(id)?;
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(messages),
+        }
     }
 
     /// Removes the socket of a destination.
@@ -1330,6 +1458,7 @@ impl Dispatcher {
         family: Family,
         protocol: Protocol,
     ) -> Result<String> {
+        self.ensure_pinned()?;
         let dest = Destination {
             label: label.clone(),
             family,

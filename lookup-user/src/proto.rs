@@ -19,6 +19,9 @@ use crate::binding::{Binding, Family, Label, Protocol};
 pub const MAX_FRAME: usize = 256 << 20;
 /// Most sockets one `register` may carry.
 pub const MAX_FDS: usize = 64;
+/// Most descriptors the kernel passes in one message (`SCM_MAX_FD`); the
+/// receive buffer holds that many so none is ever cut off and leaked.
+const SCM_MAX_FD: usize = 253;
 
 /// A request from a client.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -187,17 +190,20 @@ pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) 
     Ok(())
 }
 
-/// One `recvmsg`: appends bytes to `buf` and received descriptors to `fds`.
-/// Returns the number of bytes read (0 at end of stream). Received
-/// descriptors are close-on-exec.
+/// One `recvmsg` of at most `max` bytes: appends bytes to `buf` and
+/// received descriptors to `fds`. Returns the number of bytes read (0 at end
+/// of stream). Received descriptors are close-on-exec. A reader that never
+/// asks for bytes past the end of the frame it is reading gets exactly that
+/// frame's descriptors: they come with the frame's bytes, never earlier.
 pub fn recv_with_fds(
     sock: BorrowedFd<'_>,
     buf: &mut Vec<u8>,
     fds: &mut Vec<OwnedFd>,
+    max: usize,
 ) -> io::Result<usize> {
     use std::os::fd::FromRawFd as _;
-    let mut chunk = [0u8; 64 * 1024];
-    let mut cmsg = nix::cmsg_space!([i32; MAX_FDS]);
+    let mut chunk = vec![0u8; max.min(1 << 20)];
+    let mut cmsg = nix::cmsg_space!([i32; SCM_MAX_FD]);
     let (n, received) = {
         let mut iov = [io::IoSliceMut::new(&mut chunk)];
         let msg = recvmsg::<()>(
@@ -294,7 +300,7 @@ mod tests {
         let frame = encode(&Request::Bindings).unwrap();
         send_with_fds(a.as_fd(), &frame, &[x.as_fd()]).unwrap();
         let (mut buf, mut fds) = (Vec::new(), Vec::new());
-        recv_with_fds(b.as_fd(), &mut buf, &mut fds).unwrap();
+        recv_with_fds(b.as_fd(), &mut buf, &mut fds, 1 << 16).unwrap();
         assert_eq!(fds.len(), 1);
         assert!(take_frame(&mut buf).unwrap().is_some());
     }

@@ -14,11 +14,13 @@ use lookup_tests::{
 use serde_json::Value;
 
 /// The pinned objects the contract names.
-const PINS: [&str; 8] = [
+const PINS: [&str; 10] = [
     "program",
     "link",
     "LOOKUP_HOSTS",
     "LOOKUP_PREFIXES",
+    "LOOKUP_PORTS",
+    "LOOKUP_WIDE",
     "LOOKUP_SOCKETS",
     "LOOKUP_METRICS",
     "LOOKUP_DESTS",
@@ -230,5 +232,71 @@ fn agent_refuses_a_bpffs_that_is_not_one() {
         "the error should say {} is not a bpffs:\n{}",
         tmp.path().display(),
         out.stderr
+    );
+}
+
+#[test]
+fn restart_recovers_a_program_pin_lost_mid_upgrade() {
+    if !require_root() {
+        return;
+    }
+    let mut lab = Lab::new(&["192.0.2.0/24"]);
+    let _web = steer_web(&lab);
+    let dir = lab.state_dir();
+
+    // As if killed between switching the link and re-pinning: the program
+    // the link runs is pinned only as program-new.
+    lab.kill9();
+    std::fs::rename(dir.join("program"), dir.join("program-new")).expect("move pin");
+    check_steering("program pin moved aside");
+    lab.restart();
+    assert!(dir.join("program").exists(), "program pin not restored");
+    assert!(!dir.join("program-new").exists(), "program-new left behind");
+    check_steering("restarted after an interrupted upgrade");
+
+    // With no program pin at all, the agent pins what the link runs.
+    lab.kill9();
+    std::fs::remove_file(dir.join("program")).expect("remove pin");
+    lab.restart();
+    assert!(
+        dir.join("program").exists(),
+        "program not re-pinned from the link"
+    );
+    check_steering("restarted without a program pin");
+    lab.bind("web", Proto::Tcp, "192.0.2.0/24", 8080);
+    assert_answers(Proto::Tcp, "192.0.2.1:8080", "web");
+}
+
+#[test]
+fn agent_never_deletes_a_file_that_is_not_its_socket() {
+    if !require_root() {
+        return;
+    }
+    let _ns = NetNs::new(&[]);
+    let tmp = TempDir::new("control");
+    let bpffs = lookup_tests::BpfFs::new();
+    let precious = tmp.join("precious.txt");
+    std::fs::write(&precious, "data").expect("write");
+    let mut cmd = Command::new(bins::binary(bins::LOOKUPD));
+    cmd.arg("--bpffs")
+        .arg(bpffs.path())
+        .arg("--control")
+        .arg(&precious)
+        .env_remove("LOOKUP_CONTROL");
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(10));
+    assert!(
+        !out.status.success(),
+        "lookupd took over a regular file:\n{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("precious.txt"), "{}", out.stderr);
+    assert_eq!(
+        std::fs::read_to_string(&precious).expect("still there"),
+        "data"
+    );
+    // And it created no state on the way out.
+    assert!(
+        std::fs::read_dir(bpffs.path().join("lookup")).map_or(true, |mut d| d.next().is_none()),
+        "a refused start left pinned state behind"
     );
 }

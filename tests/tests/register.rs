@@ -724,3 +724,25 @@ fn register_takes_one_socket_per_destination() {
         "reuseport group not registered: {d}"
     );
 }
+
+#[test]
+fn register_refuses_more_sockets_than_one_request_carries() {
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new(&["192.0.2.0/24"]);
+    let listeners: Vec<std::net::TcpListener> = (0..65)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("listen"))
+        .collect();
+    let fds: Vec<_> = listeners.iter().map(std::os::fd::AsFd::as_fd).collect();
+    let out = lab.register_fds("many", &fds, None);
+    assert!(
+        !out.status.success(),
+        "65 sockets were accepted:\n{}",
+        out.stdout
+    );
+    assert!(out.stderr.contains("at most 64"), "{}", out.stderr);
+    // Nothing was registered, and nothing holds the sockets: once the test
+    // drops them, they are gone.
+    lab.ctl_err(&["status", "many"]);
+}

@@ -30,6 +30,9 @@ impl Client {
                 self.path.display()
             )
         })?;
+        // A batch of a million changes takes seconds; a stuck agent should
+        // not hang scripts forever.
+        let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(300)));
         let frame = proto::encode(request).map_err(|e| e.to_string())?;
         proto::send_with_fds(stream.as_fd(), &frame, fds)
             .map_err(|e| format!("cannot send to lookupd at {}: {e}", self.path.display()))?;

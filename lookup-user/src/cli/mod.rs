@@ -108,6 +108,9 @@ pub type CmdResult = Result<(), String>;
 
 /// Entry point of the `lookupctl` binary.
 pub fn main() -> ExitCode {
+    // Like any Unix filter: `lookupctl status | head` ends quietly.
+    // SAFETY: set before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

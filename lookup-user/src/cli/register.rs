@@ -10,6 +10,13 @@ use crate::{
 };
 
 fn send(client: &Client, label: Label, sockets: Vec<PassedSocket>) -> CmdResult {
+    if sockets.len() > crate::proto::MAX_FDS {
+        return Err(format!(
+            "{} sockets to register: at most {} at once",
+            sockets.len(),
+            crate::proto::MAX_FDS
+        ));
+    }
     let names = sockets.iter().map(|s| s.name.clone()).collect();
     let fds: Vec<_> = sockets.iter().map(|s| s.fd.as_fd()).collect();
     let result = client.change(&Request::Register { label, names }, &fds);
