@@ -8,13 +8,14 @@ use std::{
         unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     },
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
 };
 
 use tokio::{
     io::{AsyncWriteExt as _, Interest},
     net::{UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
+    sync::Mutex,
 };
 use tracing::{debug, error, info, warn};
 
@@ -58,7 +59,13 @@ pub enum Error {
     Signals(#[source] io::Error),
 }
 
+/// The dispatcher behind a fair (first come, first served) lock: requests
+/// are applied in the order they arrive, and a large batch yields to them
+/// between chunks.
 type Shared = Arc<Mutex<Dispatcher>>;
+
+/// Changes a batch applies before it lets other requests in.
+const APPLY_CHUNK: usize = 65_536;
 
 /// Runs the agent until SIGTERM or SIGINT. Steering stays in place after it
 /// returns: everything the data plane needs is pinned.
@@ -232,7 +239,26 @@ async fn read_exact(
 
 /// Applies one request. Every refusal leaves the state as it was.
 pub fn handle(shared: &Mutex<Dispatcher>, request: Request, fds: Vec<OwnedFd>) -> Response {
-    let mut d = shared.lock().unwrap_or_else(|p| p.into_inner());
+    // Parse and sort a batch before taking the lock: other clients wait
+    // only for the part that needs the state.
+    let started = std::time::Instant::now();
+    let (request, batch) = match request {
+        Request::Apply { lines } => {
+            let parsed = crate::batch::parse(&lines).map(|mut b| {
+                b.sort();
+                b
+            });
+            drop(lines);
+            (
+                Request::Apply {
+                    lines: String::new(),
+                },
+                Some(parsed),
+            )
+        }
+        other => (other, None),
+    };
+    let mut d = shared.blocking_lock();
     let fail = |e: dispatcher::Error| {
         warn!(error = %error_chain(&e), "request refused");
         Response::Error {
@@ -287,14 +313,40 @@ pub fn handle(shared: &Mutex<Dispatcher>, request: Request, fds: Vec<OwnedFd>) -
             .status(label.as_ref())
             .map(Response::Status)
             .unwrap_or_else(fail),
-        Request::Apply { lines } => {
-            let parsed = crate::batch::parse(&lines);
-            drop(lines);
-            match parsed {
-                Ok(batch) => d
-                    .apply_batch(batch)
-                    .map(|m| done(vec![m]))
-                    .unwrap_or_else(fail),
+        Request::Apply { .. } => {
+            match batch.expect("parsed above") {
+                Ok(batch) => {
+                    // Checked whole under the lock, then written in chunks,
+                    // letting other clients in between: a `bind` waits for
+                    // one chunk, not for a million changes.
+                    let parsed_at = started.elapsed();
+                    let locked = std::time::Instant::now();
+                    let mut plan = match d.prepare_batch(batch) {
+                        Ok(plan) => plan,
+                        Err(e) => return fail(e),
+                    };
+                    let checked_in = locked.elapsed();
+                    let mut failed = None;
+                    while !plan.is_done() {
+                        if let Err(e) = d.apply_chunk(&mut plan, APPLY_CHUNK) {
+                            failed = Some(e);
+                            break;
+                        }
+                        drop(d);
+                        d = shared.blocking_lock();
+                    }
+                    let summary = d.finish_batch(plan);
+                    info!(
+                        parse_ms = parsed_at.as_millis() as u64,
+                        check_ms = checked_in.as_millis() as u64,
+                        total_ms = started.elapsed().as_millis() as u64,
+                        "batch done"
+                    );
+                    match (failed, summary) {
+                        (Some(e), _) | (None, Err(e)) => fail(e),
+                        (None, Ok(m)) => done(vec![m]),
+                    }
+                }
                 Err(e) => {
                     warn!(error = %e, "batch refused");
                     Response::Error {

@@ -23,8 +23,22 @@ pub struct Change {
 pub struct Batch {
     /// Distinct labels.
     pub labels: Vec<Label>,
-    /// Changes in input order.
+    /// Changes, in input order until [`Batch::sort`].
     pub changes: Vec<Change>,
+    sorted: bool,
+}
+
+impl Batch {
+    /// Puts the changes in precedence order, each selector's in input
+    /// order, as planning needs them. Costly for large batches, and needs no
+    /// lock: the agent sorts before it takes one. Sorting twice is cheap.
+    pub fn sort(&mut self) {
+        if !self.sorted {
+            self.changes
+                .sort_by(|a, b| a.selector.precedence(&b.selector).then(a.line.cmp(&b.line)));
+            self.sorted = true;
+        }
+    }
 }
 
 /// A line that does not parse.

@@ -440,6 +440,24 @@ pub struct ApplyResult {
     /// The same bindings inserted one `bpf(2)` call each into the textbook
     /// design's trie, as a CLI without an agent does, seconds.
     pub reference_seconds: f64,
+    /// Single `bind` round trips, idle and during a large batch.
+    pub latency: BindLatency,
+}
+
+/// Round-trip times of single binds, milliseconds.
+pub struct BindLatency {
+    /// Median with the agent idle.
+    pub idle_p50_ms: f64,
+    /// Worst with the agent idle.
+    pub idle_max_ms: f64,
+    /// Median while a batch moving every binding drains.
+    pub busy_p50_ms: f64,
+    /// Worst while that batch drains.
+    pub busy_max_ms: f64,
+    /// Binds measured while it drained.
+    pub busy_samples: usize,
+    /// How long that batch took.
+    pub batch_seconds: f64,
 }
 
 fn memlock(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
@@ -530,6 +548,73 @@ pub fn apply_through_agent(scratch: &Path, bpffs: &Path, count: usize) -> Result
     let pid = guard.0.id();
     let agent_peak_kib = peak_kib(pid);
 
+    // Single binds while the same million bindings are moved to another
+    // label in one batch, against single binds with the agent idle.
+    let single = |client: &crate::cli::Client, i: u32| -> Result<f64> {
+        let b = Binding::parse(
+            "solo",
+            "tcp",
+            &Ipv4Addr::from(0xc633_6400 + i).to_string(),
+            "80",
+        )?;
+        let started = Instant::now();
+        client
+            .call(&crate::proto::Request::Bind { binding: b }, &[])
+            .map_err(anyhow::Error::msg)?;
+        Ok(started.elapsed().as_secs_f64() * 1e3)
+    };
+    let client = crate::cli::Client::new(control.clone(), false);
+    let mut idle = Vec::new();
+    for i in 0..50 {
+        idle.push(single(&client, i)?);
+    }
+    let moved: String = std::fs::read_to_string(&file)?.replace("bind a ", "bind h ");
+    std::fs::write(&file, moved)?;
+    let mover = {
+        let (bin, control, file) = (bin.clone(), control.clone(), file.clone());
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let out = Command::new(bin.join("lookupctl"))
+                .arg("--control")
+                .arg(&control)
+                .arg("apply")
+                .arg(&file)
+                .output();
+            (out, started.elapsed().as_secs_f64())
+        })
+    };
+    let mut busy = Vec::new();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut i = 100;
+    while !mover.is_finished() {
+        busy.push(single(&client, i)?);
+        i += 1;
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let (out, batch_seconds) = mover
+        .join()
+        .map_err(|_| anyhow::anyhow!("mover panicked"))?;
+    let out = out?;
+    ensure!(
+        out.status.success(),
+        "second apply failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pct = |mut v: Vec<f64>, q: f64| {
+        v.sort_by(f64::total_cmp);
+        v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let latency = BindLatency {
+        idle_p50_ms: pct(idle.clone(), 0.5),
+        idle_max_ms: pct(idle, 1.0),
+        busy_p50_ms: pct(busy.clone(), 0.5),
+        busy_max_ms: pct(busy.clone(), 1.0),
+        busy_samples: busy.len(),
+        batch_seconds,
+    };
+
     let mut map_bytes = 0;
     for entry in std::fs::read_dir(bpffs.join("lookup"))? {
         let dir = entry?.path();
@@ -572,6 +657,7 @@ pub fn apply_through_agent(scratch: &Path, bpffs: &Path, count: usize) -> Result
         agent_peak_kib,
         map_bytes,
         reference_seconds,
+        latency,
     })
 }
 
@@ -597,7 +683,13 @@ pub fn apply_report(r: &ApplyResult) -> String {
          | wall time | {:.2} s | {:.2} s | {:.2}x |\n\
          | bindings per second | {:.0} | {:.0} | {:.2}x |\n\
          | agent peak RSS | {:.1} MiB | | |\n\
-         | kernel memory of the maps | {:.1} MiB | | |\n",
+         | kernel memory of the maps | {:.1} MiB | | |\n\n\
+         Single `lookupctl bind` round trips (ms) while a batch moving all {} bindings drains ({:.2} s), \
+         against the same with the agent idle\n\n\
+         | figure | idle | during the batch ({} binds) | ratio |\n\
+         |---|---:|---:|---:|\n\
+         | median | {:.2} | {:.2} | {:.1}x |\n\
+         | worst | {:.2} | {:.2} | {:.1}x |\n",
         r.bindings,
         r.seconds,
         r.reference_seconds,
@@ -607,6 +699,15 @@ pub fn apply_report(r: &ApplyResult) -> String {
         (r.bindings as f64 / r.seconds) / (r.bindings as f64 / r.reference_seconds),
         r.agent_peak_kib as f64 / 1024.0,
         r.map_bytes as f64 / (1024.0 * 1024.0),
+        r.bindings,
+        r.latency.batch_seconds,
+        r.latency.busy_samples,
+        r.latency.idle_p50_ms,
+        r.latency.busy_p50_ms,
+        r.latency.busy_p50_ms / r.latency.idle_p50_ms,
+        r.latency.idle_max_ms,
+        r.latency.busy_max_ms,
+        r.latency.busy_max_ms / r.latency.idle_max_ms,
     )
 }
 

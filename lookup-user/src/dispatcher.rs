@@ -290,6 +290,24 @@ impl Destination {
     }
 }
 
+/// A checked batch, ready to apply in chunks: its net changes in a safe
+/// order, with destination ids resolved and held until it is finished.
+#[derive(Debug)]
+pub struct BatchPlan {
+    total: usize,
+    changes: Vec<(Selector, Option<u32>)>,
+    pins: Vec<u32>,
+    done: usize,
+    counts: (usize, usize, usize),
+}
+
+impl BatchPlan {
+    /// Whether every change has been applied.
+    pub fn is_done(&self) -> bool {
+        self.done >= self.changes.len()
+    }
+}
+
 /// Where the state of a network namespace lives.
 #[derive(Clone, Debug)]
 pub struct Location {
@@ -350,7 +368,9 @@ pub struct Dispatcher {
     sockets: MapData,
     metrics: PerCpuArray<MapData, DestinationMetrics>,
     records: Array<MapData, DestinationRecord>,
-    bindings: StdHashMap<Selector, u32>,
+    // Keys come from the root-only control socket, so a fast hash without
+    // flood resistance is the right trade at a million entries.
+    bindings: rustc_hash::FxHashMap<Selector, u32>,
     tables: Tables,
     destinations: Vec<Option<Destination>>,
     by_destination: StdHashMap<Destination, u32>,
@@ -638,7 +658,7 @@ impl Dispatcher {
             sockets: maps.sockets,
             metrics: maps.metrics,
             records: maps.records,
-            bindings: StdHashMap::new(),
+            bindings: rustc_hash::FxHashMap::default(),
             destinations: vec![None; MAX_DESTINATIONS as usize],
             by_destination: StdHashMap::new(),
             refcount: vec![0; MAX_DESTINATIONS as usize],
@@ -1056,66 +1076,83 @@ impl Dispatcher {
         Ok(format!("unbound {selector} -> {}", binding.label))
     }
 
-    /// Applies a batch: every change is checked first (an `unbind` must find
-    /// its binding with its label, counting earlier changes of the batch),
-    /// then the net effect per binding is written, additions and moves first
-    /// from the most specific, removals last from the least specific, with
-    /// batched syscalls for host bindings. On any error nothing changes.
-    pub fn apply_batch(&mut self, mut batch: crate::batch::Batch) -> Result<String> {
+    /// Checks a batch and plans it: every change is checked first (an
+    /// `unbind` must find its binding with its label, counting earlier
+    /// changes of the batch) and a refused batch changes nothing; the plan
+    /// holds the net effect per binding, additions and moves most specific
+    /// first, then removals least specific first, to be written by
+    /// [`Dispatcher::apply_chunk`] with batched syscalls for host bindings.
+    pub fn prepare_batch(&mut self, mut batch: crate::batch::Batch) -> Result<BatchPlan> {
         self.ensure_pinned()?;
         use crate::batch::Change;
         let total = batch.changes.len();
         // Net effect per selector: group a selector's changes (stable sort
         // keeps their order) and fold them over the current binding.
-        batch
-            .changes
-            .sort_by(|a, b| a.selector.precedence(&b.selector).then(a.line.cmp(&b.line)));
-        let label_of = |id: u32, this: &Self| this.destination(id).map(|d| d.label.clone());
+        batch.sort();
+        // What a selector is bound to while the batch is folded over it: the
+        // current binding's destination, or a label of the batch. Compared
+        // by name, never cloned: a batch can hold a million changes.
+        #[derive(Clone, Copy, PartialEq)]
+        enum Bound {
+            Nothing,
+            Now(u32),
+            Batch(u32),
+        }
+        fn name_of<'a>(b: Bound, this: &'a Dispatcher, labels: &'a [Label]) -> Option<&'a str> {
+            match b {
+                Bound::Nothing => None,
+                Bound::Now(id) => this.destination(id).map(|d| d.label.as_str()),
+                Bound::Batch(l) => Some(labels[l as usize].as_str()),
+            }
+        }
         // (selector, new label index or None)
         let mut net: Vec<(Selector, Option<u32>)> = Vec::new();
         let mut i = 0;
         while i < batch.changes.len() {
             let sel = batch.changes[i].selector;
-            let mut current: Option<u32> = None; // label index in the batch
-            let mut current_other: Option<Label> =
-                self.bindings.get(&sel).and_then(|&id| label_of(id, self));
-            let initially = current_other.clone();
+            let initially = self
+                .bindings
+                .get(&sel)
+                .map_or(Bound::Nothing, |&id| Bound::Now(id));
+            let mut state = initially;
             while i < batch.changes.len() && batch.changes[i].selector == sel {
                 let Change {
                     label, bind, line, ..
                 } = batch.changes[i];
-                let name = &batch.labels[label as usize];
                 if bind {
-                    current = Some(label);
-                    current_other = Some(name.clone());
+                    state = Bound::Batch(label);
                 } else {
-                    match &current_other {
+                    let given = batch.labels[label as usize].as_str();
+                    match name_of(state, self, &batch.labels) {
                         None => {
                             return Err(Error::Batch {
                                 line,
                                 source: Box::new(Error::NoSuchBinding(sel)),
                             });
                         }
-                        Some(l) if l != name => {
+                        Some(actual) if actual != given => {
                             return Err(Error::Batch {
                                 line,
                                 source: Box::new(Error::LabelMismatch {
                                     selector: sel,
-                                    actual: l.to_string(),
-                                    given: name.to_string(),
+                                    actual: actual.to_owned(),
+                                    given: given.to_owned(),
                                 }),
                             });
                         }
-                        Some(_) => {
-                            current = None;
-                            current_other = None;
-                        }
+                        Some(_) => state = Bound::Nothing,
                     }
                 }
                 i += 1;
             }
-            if current_other != initially {
-                net.push((sel, current));
+            if name_of(state, self, &batch.labels) != name_of(initially, self, &batch.labels) {
+                net.push((
+                    sel,
+                    match state {
+                        Bound::Batch(l) => Some(l),
+                        _ => None,
+                    },
+                ));
             }
         }
 
@@ -1149,46 +1186,80 @@ impl Dispatcher {
         let new_id = |sel: &Selector, label: Option<u32>| {
             label.map(|l| ids[&(l, sel.prefix.family(), sel.protocol)])
         };
-
-        // `net` is in precedence order: additions most specific first,
-        // removals least specific first.
-        let (adds, removes): (Vec<_>, Vec<_>) = net.iter().partition(|(_, l)| l.is_some());
-        drop(batch.changes);
-        let mut keys: Vec<BindingKey> = Vec::new();
-        let mut values: Vec<BindingValue> = Vec::new();
-        for (s, l) in adds.iter().filter(|(s, _)| s.prefix.is_host()) {
-            keys.push(s.key());
-            values.push(BindingValue {
-                destination: new_id(s, *l).expect("an addition"),
-                prefix_len: u32::from(s.prefix.len()),
-            });
-        }
-        let host_removes: Vec<BindingKey> = removes
-            .iter()
-            .rev()
-            .filter(|(s, _)| s.prefix.is_host())
-            .map(|(s, _)| s.key())
+        // `net` is in precedence order. Additions go most specific first,
+        // removals least specific first: at every step a connection goes
+        // where the old or the new rules send it.
+        let (adds, removes): (Vec<_>, Vec<_>) = net.into_iter().partition(|(_, l)| l.is_some());
+        let changes: Vec<(Selector, Option<u32>)> = adds
+            .into_iter()
+            .map(|(s, l)| (s, new_id(&s, l)))
+            .chain(removes.into_iter().rev().map(|(s, _)| (s, None)))
             .collect();
-        let hosts_after = self.hosts_count() + keys.iter().filter(|k| !self.host_bound(k)).count();
-        if hosts_after > lookup_common::MAX_BINDINGS as usize {
+        drop(batch);
+        let new_hosts = changes
+            .iter()
+            .filter(|(s, id)| id.is_some() && s.prefix.is_host() && !self.bindings.contains_key(s))
+            .count();
+        if self.hosts_count() + new_hosts > lookup_common::MAX_BINDINGS as usize {
             self.unpin(&ids)?;
             return Err(Error::BatchTooLarge {
                 what: "host bindings",
                 limit: lookup_common::MAX_BINDINGS as usize,
             });
         }
+        Ok(BatchPlan {
+            total,
+            changes,
+            pins: ids.into_values().collect(),
+            done: 0,
+            counts: (0, 0, 0),
+        })
+    }
+
+    /// Applies a batch in one go (see [`Dispatcher::prepare_batch`]).
+    pub fn apply_batch(&mut self, batch: crate::batch::Batch) -> Result<String> {
+        let mut plan = self.prepare_batch(batch)?;
+        while !plan.is_done() {
+            if let Err(e) = self.apply_chunk(&mut plan, usize::MAX) {
+                self.finish_batch(plan)?;
+                return Err(e);
+            }
+        }
+        self.finish_batch(plan)
+    }
+
+    /// Applies the next at most `max` changes of `plan`. Between chunks the
+    /// agent serves other clients; a change is applied as "set" or "remove"
+    /// on whatever the binding is by then, so the last writer wins.
+    pub fn apply_chunk(&mut self, plan: &mut BatchPlan, max: usize) -> Result<()> {
+        self.ensure_pinned()?;
+        let end = plan.changes.len().min(plan.done.saturating_add(max));
+        let chunk = &plan.changes[plan.done..end];
+        let mut keys: Vec<BindingKey> = Vec::new();
+        let mut values: Vec<BindingValue> = Vec::new();
+        let mut host_removes: Vec<BindingKey> = Vec::new();
         let mut ops = Vec::new();
         let mut undo_wide = Vec::new();
         self.tables.begin_batch();
-        for (s, l) in adds.iter().filter(|(s, _)| !s.prefix.is_host()) {
-            let prev = self
-                .tables
-                .set(&s.key(), s.prefix.len(), new_id(s, *l), &mut ops);
-            undo_wide.push((*s, prev));
-        }
-        for (s, _) in removes.iter().rev().filter(|(s, _)| !s.prefix.is_host()) {
-            let prev = self.tables.set(&s.key(), s.prefix.len(), None, &mut ops);
-            undo_wide.push((*s, prev));
+        for &(s, id) in chunk {
+            match (s.prefix.is_host(), id) {
+                (true, Some(id)) => {
+                    keys.push(s.key());
+                    values.push(BindingValue {
+                        destination: id,
+                        prefix_len: u32::from(s.prefix.len()),
+                    });
+                }
+                (true, None) => {
+                    if self.bindings.contains_key(&s) {
+                        host_removes.push(s.key());
+                    }
+                }
+                (false, id) => {
+                    let prev = self.tables.set(&s.key(), s.prefix.len(), id, &mut ops);
+                    undo_wide.push((s, prev));
+                }
+            }
         }
         self.tables.finish_batch(&mut ops);
 
@@ -1201,22 +1272,24 @@ impl Dispatcher {
             }),
         };
         if let Some(e) = failed {
-            // Put back what was there: host entries as they were, wide
-            // bindings through the tables.
+            // Put back what this chunk changed: host entries as they were,
+            // wide bindings through the tables.
             let mut restore_keys = Vec::new();
             let mut restore_values = Vec::new();
             let mut delete = Vec::new();
-            for k in &keys {
-                let sel = net.iter().find(|(s, _)| s.key() == *k).map(|(s, _)| *s);
-                match sel.and_then(|s| self.bindings.get(&s).map(|&id| (s, id))) {
-                    Some((s, id)) => {
-                        restore_keys.push(*k);
+            for &(s, id) in chunk {
+                if !s.prefix.is_host() || id.is_none() {
+                    continue;
+                }
+                match self.bindings.get(&s) {
+                    Some(&old) => {
+                        restore_keys.push(s.key());
                         restore_values.push(BindingValue {
-                            destination: id,
+                            destination: old,
                             prefix_len: u32::from(s.prefix.len()),
                         });
                     }
-                    None => delete.push(*k),
+                    None => delete.push(s.key()),
                 }
             }
             let _ = sys::map_update_batch(self.hosts_fd.as_fd(), &restore_keys, &restore_values);
@@ -1230,23 +1303,23 @@ impl Dispatcher {
             if let Err(undo_err) = self.apply(&undo) {
                 warn!(error = %undo_err, "could not undo a failed batch; the agent repairs the tables when it restarts");
             }
-            self.unpin(&ids)?;
             return Err(e);
         }
         if let Err((_, e)) = sys::map_delete_batch(self.hosts_fd.as_fd(), &host_removes) {
-            // Additions are in; the removals that failed leave bindings that
-            // the index below still records, so the state stays truthful.
+            // The index below still records the bindings whose removal
+            // failed, so the state stays truthful.
             warn!(error = %e, "could not remove some host bindings");
         }
 
-        let (mut bound, mut moved, mut unbound) = (0usize, 0usize, 0usize);
         let mut touched = Vec::new();
-        for &(s, l) in &net {
-            let new = new_id(&s, l);
+        for &(s, new) in chunk {
             let old = match new {
                 Some(id) => self.bindings.insert(s, id),
                 None => self.bindings.remove(&s),
             };
+            if old == new {
+                continue;
+            }
             if let Some(id) = new {
                 self.refcount[id as usize] += 1;
             }
@@ -1255,23 +1328,33 @@ impl Dispatcher {
                 touched.push(old);
             }
             match (old, new) {
-                (None, Some(_)) => bound += 1,
-                (Some(_), Some(_)) => moved += 1,
-                _ => unbound += 1,
+                (None, Some(_)) => plan.counts.0 += 1,
+                (Some(_), Some(_)) => plan.counts.1 += 1,
+                _ => plan.counts.2 += 1,
             }
         }
-        for &id in ids.values() {
-            self.refcount[id as usize] -= 1;
-            touched.push(id);
-        }
+        plan.done = end;
         touched.sort_unstable();
         touched.dedup();
         for id in touched {
             self.release_destination(id)?;
         }
+        Ok(())
+    }
+
+    /// Ends a batch: drops its hold on destinations and says what it did.
+    pub fn finish_batch(&mut self, plan: BatchPlan) -> Result<String> {
+        for &id in &plan.pins {
+            self.refcount[id as usize] -= 1;
+        }
+        for &id in &plan.pins {
+            self.release_destination(id)?;
+        }
+        let (bound, moved, unbound) = plan.counts;
         Ok(format!(
-            "applied {total} changes: {bound} bound, {moved} moved, {unbound} unbound, {} unchanged",
-            total.saturating_sub(bound + moved + unbound)
+            "applied {} changes: {bound} bound, {moved} moved, {unbound} unbound, {} unchanged",
+            plan.total,
+            plan.total.saturating_sub(bound + moved + unbound)
         ))
     }
 
@@ -1289,18 +1372,6 @@ impl Dispatcher {
     fn hosts_count(&self) -> usize {
         // Every binding is either a host binding or one of the tables'.
         self.bindings.len() - self.tables.len()
-    }
-
-    fn host_bound(&self, key: &BindingKey) -> bool {
-        Selector::from_key(
-            key,
-            if key.family == lookup_common::FAMILY_V4 {
-                32
-            } else {
-                128
-            },
-        )
-        .is_some_and(|s| self.bindings.contains_key(&s))
     }
 
     /// Whether a binding with this selector exists.
