@@ -495,7 +495,9 @@ impl Dispatcher {
             .map_err(io_err(format!("cannot open {}", location.dir.display())))?;
         let lock = lock(dir_file, &location.dir, FlockArg::LockExclusiveNonblock)?;
         drop(base_lock);
-        Self::open(location, lock)
+        let d = Self::open(location, lock)?;
+        d.warn_about_other_programs(&ns);
+        Ok(d)
     }
 
     /// Under the base lock: removes half-built states that a crashed agent
@@ -863,6 +865,25 @@ impl Dispatcher {
             res.map_err(|e| table_error(e, op))?;
         }
         Ok(())
+    }
+
+    /// Another sk_lookup program in the namespace (a second agent on another
+    /// bpffs, or someone else's) runs after or before ours, and the last
+    /// program to select a socket wins: say so loudly.
+    fn warn_about_other_programs(&self, ns: &File) {
+        let ours = sys::obj_get(&self.location.dir.join(LINK_PIN))
+            .and_then(|l| sys::netns_link_info(l.as_fd()))
+            .map(|i| i.prog_id);
+        if let (Ok(ours), Ok(all)) = (ours, sys::sk_lookup_programs(ns.as_fd())) {
+            let others: Vec<u32> = all.into_iter().filter(|&id| id != ours).collect();
+            if !others.is_empty() {
+                warn!(
+                    ?others,
+                    ours,
+                    "other sk_lookup programs are attached to this network namespace; a socket one of them selects can override lookup's choice (bpftool prog show id <id> says what they are)"
+                );
+            }
+        }
     }
 
     /// Where the state lives.

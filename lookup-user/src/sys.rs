@@ -23,6 +23,7 @@ const BPF_OBJ_GET_INFO_BY_FD: i64 = 15;
 const BPF_MAP_UPDATE_BATCH: i64 = 26;
 const BPF_MAP_DELETE_BATCH: i64 = 27;
 const BPF_LINK_UPDATE: i64 = 29;
+const BPF_PROG_QUERY: i64 = 16;
 
 /// `BPF_F_REPLACE` for `BPF_LINK_UPDATE`.
 const BPF_F_REPLACE: u32 = 1 << 2;
@@ -193,6 +194,21 @@ pub fn map_delete_batch<K: Copy>(
         }
     }
     Ok(())
+}
+
+/// Ids of the `sk_lookup` programs attached to a network namespace, in the
+/// order they run.
+pub fn sk_lookup_programs(netns: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
+    const BPF_SK_LOOKUP: u32 = 36;
+    let mut ids = [0u32; 64];
+    let mut attr = Attr::new();
+    attr.u32(0, netns.as_raw_fd() as u32)
+        .u32(4, BPF_SK_LOOKUP)
+        .u64(16, ptr(ids.as_mut_ptr()))
+        .u32(24, ids.len() as u32);
+    bpf(BPF_PROG_QUERY, &mut attr)?;
+    let n = (attr.get_u32(24) as usize).min(ids.len());
+    Ok(ids[..n].to_vec())
 }
 
 /// What the kernel says about a netns link.
