@@ -356,3 +356,36 @@ fn apply_changes_all_or_nothing() {
     assert_answers(Proto::Tcp, "192.0.2.7:80", "web");
     assert_answers(Proto::Tcp, "192.0.2.200:443", "web");
 }
+
+#[test]
+fn binds_are_served_while_a_large_batch_drains() {
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new(&["192.0.2.0/24"]);
+    let file = lab.tmp.join("big.txt");
+    let mut text = String::new();
+    for i in 0..200_000u32 {
+        let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i);
+        text.push_str(&format!("bind bulk tcp {ip} 80\n"));
+    }
+    std::fs::write(&file, text).expect("write batch");
+    let mut cmd = Command::new(bins::binary(bins::LOOKUPCTL));
+    cmd.args(["--control", lab.control().to_str().expect("utf-8"), "apply"])
+        .arg(&file);
+    let batch =
+        std::thread::spawn(move || run_with_timeout(&mut cmd, std::time::Duration::from_secs(120)));
+    // Single binds from another client while the batch runs (some land
+    // before it, some between its chunks, some after: all must succeed).
+    for i in 0..20u8 {
+        lab.ctl_ok(&["bind", "solo", "tcp", &format!("192.0.2.{}", i + 1), "80"]);
+    }
+    let out = batch.join().expect("batch thread");
+    assert!(out.status.success(), "batch failed: {}", out.stderr);
+    assert!(out.stdout.contains("200000 bound"), "{}", out.stdout);
+    let status = lab.status_json();
+    let solo = lookup_tests::agent::expect_destination(&status, "solo", "ipv4", Proto::Tcp);
+    assert_eq!(solo["bindings"], 20, "{solo}");
+    let bulk = lookup_tests::agent::expect_destination(&status, "bulk", "ipv4", Proto::Tcp);
+    assert_eq!(bulk["bindings"], 200_000, "{bulk}");
+}
