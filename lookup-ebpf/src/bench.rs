@@ -12,13 +12,12 @@
 
 #[cfg(target_arch = "bpf")]
 mod programs {
-    use core::{cell::UnsafeCell, ptr};
+    use core::cell::UnsafeCell;
 
     use aya_ebpf::{
         EbpfContext as _,
         bindings::{
-            bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SOCKMAP, bpf_sk_lookup, sk_action::SK_DROP,
-            sk_action::SK_PASS,
+            bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SOCKMAP, sk_action::SK_DROP, sk_action::SK_PASS,
         },
         helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release},
         macros::{map, sk_lookup},
@@ -26,8 +25,7 @@ mod programs {
         programs::SkLookupContext,
     };
     use lookup_common::{
-        BindingKey, BindingValue, FAMILY_V4, FAMILY_V6, KEY_HEADER_BITS, MAX_BINDINGS,
-        MAX_DESTINATIONS,
+        BindingKey, BindingValue, KEY_HEADER_BITS, MAX_BINDINGS, MAX_DESTINATIONS,
     };
 
     #[map(name = "REF_BINDINGS")]
@@ -76,37 +74,7 @@ mod programs {
 
     #[sk_lookup]
     pub fn bench_reference(ctx: SkLookupContext) -> u32 {
-        let lookup: *const bpf_sk_lookup = ctx.lookup;
-        let (family, protocol, port, ip4, ip6) = unsafe {
-            (
-                ptr::read_volatile(&raw const (*lookup).family),
-                ptr::read_volatile(&raw const (*lookup).protocol),
-                ptr::read_volatile(&raw const (*lookup).local_port),
-                ptr::read_volatile(&raw const (*lookup).local_ip4),
-                [
-                    ptr::read_volatile(&raw const (*lookup).local_ip6[0]),
-                    ptr::read_volatile(&raw const (*lookup).local_ip6[1]),
-                    ptr::read_volatile(&raw const (*lookup).local_ip6[2]),
-                    ptr::read_volatile(&raw const (*lookup).local_ip6[3]),
-                ],
-            )
-        };
-        let mut key = BindingKey {
-            protocol: protocol as u8,
-            family: family as u8,
-            port: (port as u16).to_be_bytes(),
-            addr: [0; 16],
-        };
-        let bits = if family == u32::from(FAMILY_V4) {
-            key.addr[..4].copy_from_slice(&ip4.to_ne_bytes());
-            32
-        } else if family == u32::from(FAMILY_V6) {
-            key.addr[0..4].copy_from_slice(&ip6[0].to_ne_bytes());
-            key.addr[4..8].copy_from_slice(&ip6[1].to_ne_bytes());
-            key.addr[8..12].copy_from_slice(&ip6[2].to_ne_bytes());
-            key.addr[12..16].copy_from_slice(&ip6[3].to_ne_bytes());
-            128
-        } else {
+        let Some((mut key, bits)) = lookup_ebpf::destination_key(&ctx) else {
             return SK_PASS;
         };
         let specific = REF_BINDINGS.get(Key::new(KEY_HEADER_BITS + bits, key));

@@ -1,12 +1,11 @@
 //! The program, its maps and the lookup sequence.
 
-use core::{cell::UnsafeCell, ptr};
+use core::cell::UnsafeCell;
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SOCKMAP, bpf_sk_lookup, sk_action::SK_DROP,
-        sk_action::SK_PASS,
+        bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SOCKMAP, sk_action::SK_DROP, sk_action::SK_PASS,
     },
     helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release},
     macros::{map, sk_lookup},
@@ -14,9 +13,8 @@ use aya_ebpf::{
     programs::SkLookupContext,
 };
 use lookup_common::{
-    BindingKey, BindingValue, DestinationMetrics, DestinationRecord, FAMILY_V4, FAMILY_V6,
-    KEY_HEADER_BITS, MAX_BINDINGS, MAX_DESTINATIONS, MAX_PORT_ENTRIES, Meta, NO_DESTINATION,
-    PortKey, PrefixKey, PrefixValue,
+    BindingKey, BindingValue, DestinationMetrics, DestinationRecord, KEY_HEADER_BITS, MAX_BINDINGS,
+    MAX_DESTINATIONS, MAX_PORT_ENTRIES, Meta, NO_DESTINATION, PortKey, PrefixKey, PrefixValue,
 };
 
 const EAFNOSUPPORT: i64 = 97;
@@ -80,43 +78,10 @@ pub fn lookup_dispatcher(ctx: SkLookupContext) -> u32 {
 
 #[inline(always)]
 fn dispatch(ctx: &SkLookupContext) -> u32 {
-    let lookup: *const bpf_sk_lookup = ctx.lookup;
-    // Every field is loaded unconditionally: a load behind a branch can be
-    // merged by LLVM into one variable-offset context load, which the verifier
-    // rejects.
-    let (family, protocol, port, ip4, ip6) = unsafe {
-        (
-            ptr::read_volatile(&raw const (*lookup).family),
-            ptr::read_volatile(&raw const (*lookup).protocol),
-            ptr::read_volatile(&raw const (*lookup).local_port),
-            ptr::read_volatile(&raw const (*lookup).local_ip4),
-            [
-                ptr::read_volatile(&raw const (*lookup).local_ip6[0]),
-                ptr::read_volatile(&raw const (*lookup).local_ip6[1]),
-                ptr::read_volatile(&raw const (*lookup).local_ip6[2]),
-                ptr::read_volatile(&raw const (*lookup).local_ip6[3]),
-            ],
-        )
-    };
-
-    let mut key = BindingKey {
-        protocol: protocol as u8,
-        family: family as u8,
-        port: (port as u16).to_be_bytes(),
-        addr: [0; 16],
-    };
-    let addr_bits = if family == u32::from(FAMILY_V4) {
-        key.addr[..4].copy_from_slice(&ip4.to_ne_bytes());
-        32
-    } else if family == u32::from(FAMILY_V6) {
-        key.addr[0..4].copy_from_slice(&ip6[0].to_ne_bytes());
-        key.addr[4..8].copy_from_slice(&ip6[1].to_ne_bytes());
-        key.addr[8..12].copy_from_slice(&ip6[2].to_ne_bytes());
-        key.addr[12..16].copy_from_slice(&ip6[3].to_ne_bytes());
-        128
-    } else {
+    let Some((mut key, addr_bits)) = lookup_ebpf::destination_key(ctx) else {
         return SK_PASS;
     };
+    let port = u16::from_be_bytes(key.port);
 
     // Host bindings: the specific port, then every port.
     if let Some(binding) = unsafe { HOSTS.get(key) } {
@@ -132,7 +97,7 @@ fn dispatch(ctx: &SkLookupContext) -> u32 {
     let Some(prefix) = PREFIXES.get(Key::new(KEY_HEADER_BITS + addr_bits, key)) else {
         return SK_PASS;
     };
-    let entry = PortKey::new(prefix.table, port as u16);
+    let entry = PortKey::new(prefix.table, port);
     if let Some(&destination) = unsafe { PORTS.get(entry) } {
         return steer(ctx, destination);
     }

@@ -488,28 +488,13 @@ fn peak_kib(pid: u32) -> u64 {
 /// Starts `lookupd` (next to this executable) on a bpffs of its own, feeds
 /// it `count` bindings with `lookupctl apply`, and measures.
 pub fn apply_through_agent(scratch: &Path, bpffs: &Path, count: usize) -> Result<ApplyResult> {
-    use std::process::{Command, Stdio};
+    use std::process::Command;
     let bin = std::env::current_exe()?
         .parent()
         .context("exe dir")?
         .to_owned();
     let control = scratch.join("lookupd.sock");
-    let mut agent = Command::new(bin.join("lookupd"))
-        .arg("--bpffs")
-        .arg(bpffs)
-        .arg("--control")
-        .arg(&control)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .context("starting lookupd")?;
-    let guard = scopeguard(&mut agent);
-    for _ in 0..200 {
-        if std::os::unix::net::UnixStream::connect(&control).is_ok() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(25));
-    }
+    let guard = Agent::start(&bin, bpffs, &control)?;
 
     let mut rng = Rng(0x00ab_cdef);
     let mut seen = std::collections::HashSet::new();
@@ -661,13 +646,34 @@ pub fn apply_through_agent(scratch: &Path, bpffs: &Path, count: usize) -> Result
     })
 }
 
-struct Guard<'a>(&'a mut std::process::Child);
+/// A `lookupd` started for a benchmark, killed when dropped.
+struct Agent(std::process::Child);
 
-fn scopeguard(child: &mut std::process::Child) -> Guard<'_> {
-    Guard(child)
+impl Agent {
+    /// Starts the `lookupd` in `bin` and waits until it answers on `control`.
+    fn start(bin: &Path, bpffs: &Path, control: &Path) -> Result<Self> {
+        let child = std::process::Command::new(bin.join("lookupd"))
+            .arg("--bpffs")
+            .arg(bpffs)
+            .arg("--control")
+            .arg(control)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting lookupd")?;
+        let agent = Self(child);
+        for _ in 0..400 {
+            if std::os::unix::net::UnixStream::connect(control).is_ok() {
+                return Ok(agent);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        bail!("lookupd did not come up on {}", control.display())
+    }
 }
 
-impl Drop for Guard<'_> {
+impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -808,7 +814,7 @@ pub fn traffic(
     bindings: usize,
     churn_seconds: f64,
 ) -> Result<TrafficResult> {
-    use std::process::{Command, Stdio};
+    use std::process::Command;
 
     use crate::{cli::Client, proto::Request};
     unshare_net()?;
@@ -853,22 +859,7 @@ pub fn traffic(
         .context("exe dir")?
         .to_owned();
     let control = scratch.join("traffic.sock");
-    let mut agent = Command::new(bin.join("lookupd"))
-        .arg("--bpffs")
-        .arg(bpffs)
-        .arg("--control")
-        .arg(&control)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .context("starting lookupd")?;
-    let _guard = scopeguard(&mut agent);
-    for _ in 0..200 {
-        if std::os::unix::net::UnixStream::connect(&control).is_ok() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(25));
-    }
+    let _agent = Agent::start(&bin, bpffs, &control)?;
     let client = Client::new(control.clone(), false);
     for (label, fd) in [
         ("A", _a.as_fd()),

@@ -390,6 +390,29 @@ fn lock(file: File, path: &Path, arg: nix::fcntl::FlockArg) -> Result<Flock<File
     })
 }
 
+/// Loads the object with its maps pinned in (or reused from) `dir`.
+fn load_object(dir: &Path) -> Result<Ebpf> {
+    EbpfLoader::new()
+        .default_map_pin_directory(dir)
+        .load(EBPF_OBJECT)
+        .map_err(|e| Error::Load(Box::new(e)))
+}
+
+/// Loads the dispatcher program into the kernel (the verifier runs here).
+fn load_program(ebpf: &mut Ebpf) -> Result<&mut SkLookup> {
+    let prog: &mut SkLookup = ebpf
+        .program_mut(PROGRAM_NAME)
+        .ok_or_else(|| Error::Io {
+            what: format!("eBPF object has no program {PROGRAM_NAME}"),
+            source: io::ErrorKind::NotFound.into(),
+        })?
+        .try_into()
+        .map_err(prog_err("dispatcher program is not sk_lookup"))?;
+    prog.load()
+        .map_err(prog_err("the verifier rejected the dispatcher"))?;
+    Ok(prog)
+}
+
 fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
     ebpf.take_map(name).ok_or_else(|| Error::Io {
         what: format!("eBPF object has no map {name}"),
@@ -557,24 +580,12 @@ impl Dispatcher {
     }
 
     fn build(dir: &Path, ns: &File) -> Result<()> {
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(dir)
-            .load(EBPF_OBJECT)
-            .map_err(|e| Error::Load(Box::new(e)))?;
+        let mut ebpf = load_object(dir)?;
         let mut maps = Maps::from(|name| take_map(&mut ebpf, name))?;
         maps.meta
             .set(0, expected_meta(), 0)
             .map_err(map_err("cannot write the state's metadata"))?;
-        let prog: &mut SkLookup = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or_else(|| Error::Io {
-                what: format!("eBPF object has no program {PROGRAM_NAME}"),
-                source: io::ErrorKind::NotFound.into(),
-            })?
-            .try_into()
-            .map_err(prog_err("dispatcher program is not sk_lookup"))?;
-        prog.load()
-            .map_err(prog_err("the verifier rejected the dispatcher"))?;
+        let prog = load_program(&mut ebpf)?;
         prog.pin(dir.join(PROGRAM_PIN)).map_err(|e| Error::Io {
             what: "cannot pin the program".into(),
             source: io::Error::other(e),
@@ -716,20 +727,8 @@ impl Dispatcher {
         pinned: &SkLookup,
         pinned_tag: u64,
     ) -> Result<()> {
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(dir)
-            .load(EBPF_OBJECT)
-            .map_err(|e| Error::Load(Box::new(e)))?;
-        let prog: &mut SkLookup = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or_else(|| Error::Io {
-                what: format!("eBPF object has no program {PROGRAM_NAME}"),
-                source: io::ErrorKind::NotFound.into(),
-            })?
-            .try_into()
-            .map_err(prog_err("dispatcher program is not sk_lookup"))?;
-        prog.load()
-            .map_err(prog_err("the verifier rejected the dispatcher"))?;
+        let mut ebpf = load_object(dir)?;
+        let prog = load_program(&mut ebpf)?;
         let new_tag = prog
             .info()
             .map_err(prog_err("cannot inspect the new program"))?

@@ -88,6 +88,20 @@ mod tempdir {
     }
 }
 
+/// A fresh bpffs on a temporary directory (inside our mount namespace).
+fn bpffs() -> Result<tempdir::Dir> {
+    let dir = tempdir::Dir::new()?;
+    mount(
+        Some("bpf"),
+        dir.path(),
+        Some("bpf"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .context("mounting bpffs")?;
+    Ok(dir)
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let run = || -> Result<()> {
@@ -100,15 +114,7 @@ fn main() -> ExitCode {
         let (_, report) = bench::lookup_cost(dir.path(), &opts)?;
         println!("{report}");
         if args.apply > 0 {
-            let bpffs = tempdir::Dir::new()?;
-            mount(
-                Some("bpf"),
-                bpffs.path(),
-                Some("bpf"),
-                MsFlags::empty(),
-                None::<&str>,
-            )
-            .context("mounting bpffs")?;
+            let bpffs = bpffs()?;
             let scratch = tempdir::Dir::new()?;
             let r = bench::apply_through_agent(scratch.path(), bpffs.path(), args.apply)?;
             println!("{}", bench::apply_report(&r));
@@ -116,15 +122,7 @@ fn main() -> ExitCode {
             let _ = std::fs::remove_file(scratch.path().join("lookupd.sock"));
         }
         if args.traffic > 0 {
-            let bpffs = tempdir::Dir::new()?;
-            mount(
-                Some("bpf"),
-                bpffs.path(),
-                Some("bpf"),
-                MsFlags::empty(),
-                None::<&str>,
-            )
-            .context("mounting bpffs")?;
+            let bpffs = bpffs()?;
             let scratch = tempdir::Dir::new()?;
             let r = bench::traffic(
                 scratch.path(),
