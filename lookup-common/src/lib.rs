@@ -11,12 +11,14 @@
 pub const MAGIC: u64 = 0x6c6f_6f6b_7570_0001; // "lookup\0\x01"
 
 /// Version of the map layout. Bump on any change to a shared type or map.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Names of the maps, as they appear in the ELF object and as pin file names.
 pub mod map_names {
-    /// Exact-match table for host bindings (/32 and /128).
+    /// Host bindings (/32 and /128): one entry per address.
     pub const HOSTS: &str = "LOOKUP_HOSTS";
+    /// Host bindings on ports beyond an address's inline ones.
+    pub const HOST_PORTS: &str = "LOOKUP_HOST_PORTS";
     /// Longest-prefix-match trie of every prefix wider than a host that
     /// carries a binding; each node names a port table.
     pub const PREFIXES: &str = "LOOKUP_PREFIXES";
@@ -100,6 +102,25 @@ pub struct PrefixKey {
     pub prefix_len: u32,
     /// The key bits; bits past `prefix_len` are zero.
     pub key: BindingKey,
+}
+
+/// Specific ports an address's host entry holds inline.
+pub const HOST_INLINE_PORTS: usize = 4;
+
+/// The value of [`map_names::HOSTS`], keyed by a [`BindingKey`] with port
+/// 0: what the address's host bindings say.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostValue {
+    /// Destination of the address's port 0 binding, or [`NO_DESTINATION`].
+    pub default_destination: u32,
+    /// Non-zero when [`map_names::HOST_PORTS`] holds more ports of this
+    /// address.
+    pub more: u32,
+    /// Specific ports (host order); 0 marks an empty slot.
+    pub ports: [u16; HOST_INLINE_PORTS],
+    /// Destination of each port in `ports`.
+    pub destinations: [u32; HOST_INLINE_PORTS],
 }
 
 /// `PrefixValue::default_destination` when no port 0 binding applies.
@@ -194,6 +215,7 @@ const _: () = {
     assert!(core::mem::size_of::<DestinationRecord>() == 260);
     assert!(core::mem::size_of::<Meta>() == 16);
     assert!(core::mem::size_of::<PrefixValue>() == 8);
+    assert!(core::mem::size_of::<HostValue>() == 32);
     assert!(core::mem::size_of::<PortKey>() == 8);
     assert!(KEY_HEADER_BITS as usize == 8 * 4);
 };
@@ -209,5 +231,6 @@ mod pod {
     unsafe impl aya::Pod for super::DestinationRecord {}
     unsafe impl aya::Pod for super::Meta {}
     unsafe impl aya::Pod for super::PrefixValue {}
+    unsafe impl aya::Pod for super::HostValue {}
     unsafe impl aya::Pod for super::PortKey {}
 }

@@ -13,8 +13,9 @@ use aya_ebpf::{
     programs::SkLookupContext,
 };
 use lookup_common::{
-    BindingKey, BindingValue, DestinationMetrics, DestinationRecord, KEY_HEADER_BITS, MAX_BINDINGS,
-    MAX_DESTINATIONS, MAX_PORT_ENTRIES, Meta, NO_DESTINATION, PortKey, PrefixKey, PrefixValue,
+    BindingKey, DestinationMetrics, DestinationRecord, HOST_INLINE_PORTS, HostValue,
+    KEY_HEADER_BITS, MAX_BINDINGS, MAX_DESTINATIONS, MAX_PORT_ENTRIES, Meta, NO_DESTINATION,
+    PortKey, PrefixKey, PrefixValue,
 };
 
 const EAFNOSUPPORT: i64 = 97;
@@ -24,7 +25,10 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 const PIN_BY_NAME: u32 = 1;
 
 #[map(name = "LOOKUP_HOSTS")]
-static HOSTS: HashMap<BindingKey, BindingValue> = HashMap::pinned(MAX_BINDINGS, BPF_F_NO_PREALLOC);
+static HOSTS: HashMap<BindingKey, HostValue> = HashMap::pinned(MAX_BINDINGS, BPF_F_NO_PREALLOC);
+
+#[map(name = "LOOKUP_HOST_PORTS")]
+static HOST_PORTS: HashMap<BindingKey, u32> = HashMap::pinned(MAX_BINDINGS, BPF_F_NO_PREALLOC);
 
 #[map(name = "LOOKUP_PREFIXES")]
 static PREFIXES: LpmTrie<BindingKey, PrefixValue> = LpmTrie::pinned(MAX_BINDINGS, 0);
@@ -83,13 +87,28 @@ fn dispatch(ctx: &SkLookupContext) -> u32 {
     };
     let port = u16::from_be_bytes(key.port);
 
-    // Host bindings: the specific port, then every port.
-    if let Some(binding) = unsafe { HOSTS.get(key) } {
-        return steer(ctx, binding.destination);
-    }
+    // Host bindings: one entry per address holds its port 0 destination and
+    // its first few ports; more ports, if any, sit in a second table.
+    let port_bytes = key.port;
     key.port = [0, 0];
-    if let Some(binding) = unsafe { HOSTS.get(key) } {
-        return steer(ctx, binding.destination);
+    if let Some(host) = unsafe { HOSTS.get(key) } {
+        if port != 0 {
+            for i in 0..HOST_INLINE_PORTS {
+                if host.ports[i] == port {
+                    return steer(ctx, host.destinations[i]);
+                }
+            }
+            if host.more != 0 {
+                key.port = port_bytes;
+                if let Some(&destination) = unsafe { HOST_PORTS.get(key) } {
+                    return steer(ctx, destination);
+                }
+                key.port = [0, 0];
+            }
+        }
+        if host.default_destination != NO_DESTINATION {
+            return steer(ctx, host.default_destination);
+        }
     }
 
     // Wider prefixes: the longest prefix that carries a binding, then its

@@ -489,6 +489,9 @@ fn peak_kib(pid: u32) -> u64 {
 /// it `count` bindings with `lookupctl apply`, and measures.
 pub fn apply_through_agent(scratch: &Path, bpffs: &Path, count: usize) -> Result<ApplyResult> {
     use std::process::Command;
+    // A namespace of its own: the per-lookup part left a dispatcher attached
+    // to the previous one.
+    unshare_net()?;
     let bin = std::env::current_exe()?
         .parent()
         .context("exe dir")?
@@ -584,6 +587,10 @@ pub fn apply_through_agent(scratch: &Path, bpffs: &Path, count: usize) -> Result
         out.status.success(),
         "second apply failed: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        !busy.is_empty(),
+        "the batch drained in {batch_seconds:.2} s, before any bind could be timed: use a larger --apply"
     );
     let pct = |mut v: Vec<f64>, q: f64| {
         v.sort_by(f64::total_cmp);

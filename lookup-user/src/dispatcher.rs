@@ -25,15 +25,16 @@ use aya::{
     util::nr_cpus,
 };
 use lookup_common::{
-    BindingKey, BindingValue, DestinationMetrics, DestinationRecord, KEY_HEADER_BITS,
-    LAYOUT_VERSION, MAGIC, MAX_DESTINATIONS, MAX_LABEL_LEN, Meta, PROGRAM_NAME, PortKey, PrefixKey,
-    PrefixValue, map_names,
+    BindingKey, DestinationMetrics, DestinationRecord, HostValue, KEY_HEADER_BITS, LAYOUT_VERSION,
+    MAGIC, MAX_DESTINATIONS, MAX_LABEL_LEN, Meta, PROGRAM_NAME, PortKey, PrefixKey, PrefixValue,
+    map_names,
 };
 use nix::fcntl::{Flock, FlockArg};
 use tracing::{debug, info, warn};
 
 use crate::{
     binding::{Binding, Family, Label, Protocol, Selector},
+    hosts::{HostIndex, HostOp},
     proto::{DestinationStatus, Metrics, Status},
     socket::{self, SocketInfo},
     sys,
@@ -359,9 +360,12 @@ pub struct Dispatcher {
     location: Location,
     // Held for the agent's lifetime: one writer per namespace.
     _lock: Flock<File>,
-    hosts: HashMap<MapData, BindingKey, BindingValue>,
-    // The same map, for the batched syscalls aya does not wrap.
+    hosts: HashMap<MapData, BindingKey, HostValue>,
+    host_ports: HashMap<MapData, BindingKey, u32>,
+    // The same maps, for the batched syscalls aya does not wrap.
     hosts_fd: OwnedFd,
+    host_ports_fd: OwnedFd,
+    host_index: HostIndex,
     prefixes: LpmTrie<MapData, BindingKey, PrefixValue>,
     ports: HashMap<MapData, PortKey, u32>,
     wide: HashMap<MapData, PrefixKey, u32>,
@@ -428,7 +432,8 @@ fn open_map(dir: &Path, name: &str) -> Result<Map> {
 }
 
 struct Maps {
-    hosts: HashMap<MapData, BindingKey, BindingValue>,
+    hosts: HashMap<MapData, BindingKey, HostValue>,
+    host_ports: HashMap<MapData, BindingKey, u32>,
     prefixes: LpmTrie<MapData, BindingKey, PrefixValue>,
     ports: HashMap<MapData, PortKey, u32>,
     wide: HashMap<MapData, PrefixKey, u32>,
@@ -454,6 +459,9 @@ impl Maps {
             hosts: get(map_names::HOSTS)?
                 .try_into()
                 .map_err(conv(map_names::HOSTS))?,
+            host_ports: get(map_names::HOST_PORTS)?
+                .try_into()
+                .map_err(conv(map_names::HOST_PORTS))?,
             prefixes: get(map_names::PREFIXES)?
                 .try_into()
                 .map_err(conv(map_names::PREFIXES))?,
@@ -662,8 +670,12 @@ impl Dispatcher {
             location,
             _lock: lock,
             hosts: maps.hosts,
+            host_ports: maps.host_ports,
             hosts_fd: sys::obj_get(&dir.join(map_names::HOSTS))
                 .map_err(io_err("cannot open the host table"))?,
+            host_ports_fd: sys::obj_get(&dir.join(map_names::HOST_PORTS))
+                .map_err(io_err("cannot open the host port table"))?,
+            host_index: HostIndex::default(),
             prefixes: maps.prefixes,
             ports: maps.ports,
             wide: maps.wide,
@@ -772,10 +784,23 @@ impl Dispatcher {
                 self.destinations[id as usize] = Some(dest);
             }
         }
-        let mut found = Vec::new();
+        let mut entries = Vec::new();
         for entry in self.hosts.iter() {
-            let (key, value) = entry.map_err(map_err("cannot read host bindings"))?;
-            found.push((key, value.prefix_len, value.destination));
+            entries.push(entry.map_err(map_err("cannot read host bindings"))?);
+        }
+        let mut extra = Vec::new();
+        for entry in self.host_ports.iter() {
+            extra.push(entry.map_err(map_err("cannot read host port bindings"))?);
+        }
+        self.host_index = HostIndex::restore(entries, extra);
+        let mut found = Vec::new();
+        for (key, destination) in self.host_index.iter() {
+            let len = if key.family == lookup_common::FAMILY_V4 {
+                32
+            } else {
+                128
+            };
+            found.push((key, len, destination));
         }
         let mut wide = Vec::new();
         for entry in self.wide.iter() {
@@ -803,7 +828,9 @@ impl Dispatcher {
             if self.destination(destination).is_none() {
                 warn!(%selector, id = destination, "binding points at an unknown destination");
             }
-            self.bindings.insert(selector, destination);
+            if !selector.prefix.is_host() {
+                self.bindings.insert(selector, destination);
+            }
             if let Some(rc) = self.refcount.get_mut(destination as usize) {
                 *rc += 1;
             }
@@ -969,14 +996,7 @@ impl Dispatcher {
 
     fn write_binding(&mut self, selector: &Selector, id: u32) -> Result<()> {
         if selector.prefix.is_host() {
-            let value = BindingValue {
-                destination: id,
-                prefix_len: u32::from(selector.prefix.len()),
-            };
-            return self
-                .hosts
-                .insert(selector.key(), value, 0)
-                .map_err(|e| full_or(e, selector));
+            return self.write_host(selector, Some(id));
         }
         let mut ops = Vec::new();
         let previous = self
@@ -991,16 +1011,119 @@ impl Dispatcher {
 
     fn delete_binding(&mut self, selector: &Selector) -> Result<()> {
         if selector.prefix.is_host() {
-            return self
-                .hosts
-                .remove(&selector.key())
-                .map_err(map_err(format!("cannot delete binding {selector}")));
+            return self.write_host(selector, None);
         }
         let mut ops = Vec::new();
         let previous = self
             .tables
             .set(&selector.key(), selector.prefix.len(), None, &mut ops);
         self.apply_or_revert(&ops, selector, previous)
+    }
+
+    /// Sets or removes one host binding in the index and the maps; a refused
+    /// write leaves both as they were.
+    fn write_host(&mut self, selector: &Selector, id: Option<u32>) -> Result<()> {
+        let mut ops = Vec::new();
+        let previous = self.host_index.set(&selector.key(), id, &mut ops);
+        if let Err(e) = self.apply_host_ops(&ops) {
+            let mut undo = Vec::new();
+            self.host_index.set(&selector.key(), previous, &mut undo);
+            let _ = self.apply_host_ops(&undo);
+            return Err(match e {
+                Error::Io { source, .. }
+                    if matches!(
+                        source.raw_os_error(),
+                        Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)
+                    ) =>
+                {
+                    Error::TableFull(*selector)
+                }
+                e => e,
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes host ops, each run of one kind with one batched syscall.
+    fn apply_host_ops(&self, ops: &[HostOp]) -> Result<()> {
+        let mut i = 0;
+        while i < ops.len() {
+            let phase = ops[i].phase();
+            let j = ops[i..]
+                .iter()
+                .position(|o| o.phase() != phase)
+                .map_or(ops.len(), |n| i + n);
+            let run = &ops[i..j];
+            let res = match phase {
+                0 => {
+                    let (k, v): (Vec<_>, Vec<_>) = run
+                        .iter()
+                        .filter_map(|o| {
+                            if let HostOp::PortPut(k, d) = o {
+                                Some((*k, *d))
+                            } else {
+                                None
+                            }
+                        })
+                        .unzip();
+                    sys::map_update_batch(self.host_ports_fd.as_fd(), &k, &v)
+                }
+                1 => {
+                    let (k, v): (Vec<_>, Vec<_>) = run
+                        .iter()
+                        .filter_map(|o| {
+                            if let HostOp::Put(k, v) = o {
+                                Some((*k, *v))
+                            } else {
+                                None
+                            }
+                        })
+                        .unzip();
+                    sys::map_update_batch(self.hosts_fd.as_fd(), &k, &v)
+                }
+                2 => {
+                    let k: Vec<_> = run
+                        .iter()
+                        .filter_map(|o| {
+                            if let HostOp::Del(k) = o {
+                                Some(*k)
+                            } else {
+                                None
+                            }
+                        })
+                        .collect();
+                    sys::map_delete_batch(self.hosts_fd.as_fd(), &k)
+                }
+                _ => {
+                    let k: Vec<_> = run
+                        .iter()
+                        .filter_map(|o| {
+                            if let HostOp::PortDel(k) = o {
+                                Some(*k)
+                            } else {
+                                None
+                            }
+                        })
+                        .collect();
+                    sys::map_delete_batch(self.host_ports_fd.as_fd(), &k)
+                }
+            };
+            res.map_err(|(_, source)| Error::Io {
+                what: "cannot write host bindings".into(),
+                source,
+            })?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// The destination a binding points at, host or wide.
+    fn bound(&self, selector: &Selector) -> Option<u32> {
+        if selector.prefix.is_host() {
+            self.host_index.get(&selector.key())
+        } else {
+            self.bindings.get(selector).copied()
+        }
     }
 
     /// Applies `ops`; if one fails, puts the binding back as it was in
@@ -1045,7 +1168,7 @@ impl Dispatcher {
             protocol: selector.protocol,
         };
         let (id, fresh) = self.ensure_destination(&dest)?;
-        let previous = self.bindings.get(&selector).copied();
+        let previous = self.bound(&selector);
         if previous == Some(id) {
             return Ok(format!("already bound {selector} -> {}", binding.label));
         }
@@ -1055,7 +1178,9 @@ impl Dispatcher {
             }
             return Err(e);
         }
-        self.bindings.insert(selector, id);
+        if !selector.prefix.is_host() {
+            self.bindings.insert(selector, id);
+        }
         self.refcount[id as usize] += 1;
         match previous {
             Some(old) => {
@@ -1078,7 +1203,7 @@ impl Dispatcher {
     pub fn unbind(&mut self, binding: &Binding) -> Result<String> {
         self.ensure_pinned()?;
         let selector = binding.selector();
-        let Some(&id) = self.bindings.get(&selector) else {
+        let Some(id) = self.bound(&selector) else {
             return Err(Error::NoSuchBinding(selector));
         };
         let actual = self.destination(id).map(|d| d.label.clone());
@@ -1090,7 +1215,9 @@ impl Dispatcher {
             });
         }
         self.delete_binding(&selector)?;
-        self.bindings.remove(&selector);
+        if !selector.prefix.is_host() {
+            self.bindings.remove(&selector);
+        }
         self.refcount[id as usize] -= 1;
         self.release_destination(id)?;
         Ok(format!("unbound {selector} -> {}", binding.label))
@@ -1130,10 +1257,7 @@ impl Dispatcher {
         let mut i = 0;
         while i < batch.changes.len() {
             let sel = batch.changes[i].selector;
-            let initially = self
-                .bindings
-                .get(&sel)
-                .map_or(Bound::Nothing, |&id| Bound::Now(id));
+            let initially = self.bound(&sel).map_or(Bound::Nothing, Bound::Now);
             let mut state = initially;
             while i < batch.changes.len() && batch.changes[i].selector == sel {
                 let Change {
@@ -1218,7 +1342,7 @@ impl Dispatcher {
         drop(batch);
         let new_hosts = changes
             .iter()
-            .filter(|(s, id)| id.is_some() && s.prefix.is_host() && !self.bindings.contains_key(s))
+            .filter(|(s, id)| id.is_some() && s.prefix.is_host() && self.bound(s).is_none())
             .count();
         if self.hosts_count() + new_hosts > lookup_common::MAX_BINDINGS as usize {
             self.unpin(&ids)?;
@@ -1255,65 +1379,40 @@ impl Dispatcher {
         self.ensure_pinned()?;
         let end = plan.changes.len().min(plan.done.saturating_add(max));
         let chunk = &plan.changes[plan.done..end];
-        let mut keys: Vec<BindingKey> = Vec::new();
-        let mut values: Vec<BindingValue> = Vec::new();
-        let mut host_removes: Vec<BindingKey> = Vec::new();
+        let mut host_changes: Vec<(BindingKey, Option<u32>)> = Vec::new();
         let mut ops = Vec::new();
         let mut undo_wide = Vec::new();
         self.tables.begin_batch();
         for &(s, id) in chunk {
-            match (s.prefix.is_host(), id) {
-                (true, Some(id)) => {
-                    keys.push(s.key());
-                    values.push(BindingValue {
-                        destination: id,
-                        prefix_len: u32::from(s.prefix.len()),
-                    });
-                }
-                (true, None) => {
-                    if self.bindings.contains_key(&s) {
-                        host_removes.push(s.key());
-                    }
-                }
-                (false, id) => {
-                    let prev = self.tables.set(&s.key(), s.prefix.len(), id, &mut ops);
-                    undo_wide.push((s, prev));
-                }
+            if s.prefix.is_host() {
+                host_changes.push((s.key(), id));
+            } else {
+                let prev = self.tables.set(&s.key(), s.prefix.len(), id, &mut ops);
+                undo_wide.push((s, prev));
             }
         }
         self.tables.finish_batch(&mut ops);
+        let mut host_ops = Vec::new();
+        let host_previous = self.host_index.set_many(&host_changes, &mut host_ops);
 
-        let written = sys::map_update_batch(self.hosts_fd.as_fd(), &keys, &values);
-        let failed = match written {
-            Ok(()) => self.apply(&ops).err(),
-            Err((_, e)) => Some(Error::Io {
-                what: "cannot write host bindings".into(),
-                source: e,
-            }),
-        };
+        // Host entries go in first: they are the most specific, so their
+        // additions precede the wider changes and their removals, written
+        // in the same call, leave lookups to tables already updated.
+        let failed = self
+            .apply_host_ops(&host_ops)
+            .err()
+            .or_else(|| self.apply(&ops).err());
         if let Some(e) = failed {
-            // Put back what this chunk changed: host entries as they were,
-            // wide bindings through the tables.
-            let mut restore_keys = Vec::new();
-            let mut restore_values = Vec::new();
-            let mut delete = Vec::new();
-            for &(s, id) in chunk {
-                if !s.prefix.is_host() || id.is_none() {
-                    continue;
-                }
-                match self.bindings.get(&s) {
-                    Some(&old) => {
-                        restore_keys.push(s.key());
-                        restore_values.push(BindingValue {
-                            destination: old,
-                            prefix_len: u32::from(s.prefix.len()),
-                        });
-                    }
-                    None => delete.push(s.key()),
-                }
-            }
-            let _ = sys::map_update_batch(self.hosts_fd.as_fd(), &restore_keys, &restore_values);
-            let _ = sys::map_delete_batch(self.hosts_fd.as_fd(), &delete);
+            // Put back what this chunk changed.
+            let undo_hosts: Vec<_> = host_changes
+                .iter()
+                .zip(&host_previous)
+                .rev()
+                .map(|(&(k, _), &prev)| (k, prev))
+                .collect();
+            let mut undo_host_ops = Vec::new();
+            self.host_index.set_many(&undo_hosts, &mut undo_host_ops);
+            let _ = self.apply_host_ops(&undo_host_ops);
             let mut undo = Vec::new();
             self.tables.begin_batch();
             for (s, prev) in undo_wide.into_iter().rev() {
@@ -1325,17 +1424,17 @@ impl Dispatcher {
             }
             return Err(e);
         }
-        if let Err((_, e)) = sys::map_delete_batch(self.hosts_fd.as_fd(), &host_removes) {
-            // The index below still records the bindings whose removal
-            // failed, so the state stays truthful.
-            warn!(error = %e, "could not remove some host bindings");
-        }
 
         let mut touched = Vec::new();
+        let mut host_previous = host_previous.into_iter();
         for &(s, new) in chunk {
-            let old = match new {
-                Some(id) => self.bindings.insert(s, id),
-                None => self.bindings.remove(&s),
+            let old = if s.prefix.is_host() {
+                host_previous.next().expect("one per host change")
+            } else {
+                match new {
+                    Some(id) => self.bindings.insert(s, id),
+                    None => self.bindings.remove(&s),
+                }
             };
             if old == new {
                 continue;
@@ -1390,18 +1489,17 @@ impl Dispatcher {
     }
 
     fn hosts_count(&self) -> usize {
-        // Every binding is either a host binding or one of the tables'.
-        self.bindings.len() - self.tables.len()
+        self.host_index.len()
     }
 
     /// Whether a binding with this selector exists.
     pub fn is_bound(&self, selector: &Selector) -> bool {
-        self.bindings.contains_key(selector)
+        self.bound(selector).is_some()
     }
 
     /// Number of bindings.
     pub fn binding_count(&self) -> usize {
-        self.bindings.len()
+        self.bindings.len() + self.host_index.len()
     }
 
     /// The id of a destination, if it exists.
@@ -1417,10 +1515,20 @@ impl Dispatcher {
 
     /// Every binding, in precedence order.
     pub fn bindings(&self) -> Vec<Binding> {
+        let hosts = self.host_index.iter().filter_map(|(key, id)| {
+            let len = if key.family == lookup_common::FAMILY_V4 {
+                32
+            } else {
+                128
+            };
+            Some((Selector::from_key(&key, len)?, id))
+        });
         let mut out: Vec<Binding> = self
             .bindings
             .iter()
-            .filter_map(|(s, &id)| {
+            .map(|(s, &id)| (*s, id))
+            .chain(hosts)
+            .filter_map(|(s, id)| {
                 Some(Binding {
                     label: self.destination(id)?.label.clone(),
                     protocol: s.protocol,

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod binding;
 pub mod cli;
 pub mod dispatcher;
+pub mod hosts;
 pub mod proto;
 pub mod socket;
 pub mod sys;

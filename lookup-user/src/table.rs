@@ -260,23 +260,30 @@ impl Tables {
             return;
         };
         for (space, prefixes) in changed {
-            let mut lens: Vec<u8> = prefixes.iter().map(|&(_, l)| l).collect();
-            lens.sort_unstable();
-            lens.dedup();
             let Some(nodes) = self.spaces.get(&space) else {
                 continue;
             };
+            // Every node at or under a changed prefix, found by range scans
+            // (cost follows what changed, not the size of the trie).
             let mut dirty = Vec::new();
             let mut doomed = Vec::new();
-            for (&(addr, len), node) in nodes {
-                if node.bindings.is_empty() {
-                    doomed.push((addr, len));
-                } else if lens
-                    .iter()
-                    .take_while(|&&l| l <= len)
-                    .any(|&l| prefixes.contains(&(mask(addr, l), l)))
-                {
-                    dirty.push((addr, len));
+            let mut seen = std::collections::HashSet::new();
+            for &(addr, len) in &prefixes {
+                let last = addr
+                    | if len == 0 {
+                        u128::MAX
+                    } else {
+                        !(u128::MAX << (128 - u32::from(len)))
+                    };
+                for (&(a, l), node) in nodes.range((addr, len)..=(last, u8::MAX)) {
+                    if l < len || mask(a, len) != addr || !seen.insert((a, l)) {
+                        continue;
+                    }
+                    if node.bindings.is_empty() {
+                        doomed.push((a, l));
+                    } else {
+                        dirty.push((a, l));
+                    }
                 }
             }
             // New prefixes first, longest first: a lookup under a new prefix

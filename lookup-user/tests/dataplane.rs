@@ -310,6 +310,43 @@ fn data_plane_matches_precedence_order() {
         );
         totals.2 += p;
     }
+    // One address with more specific ports than its entry holds inline:
+    // the rest live in the overflow table, which only this path reads.
+    let host = |port: u16, label: &Label| Binding {
+        label: label.clone(),
+        protocol: Protocol::Tcp,
+        prefix: "10.9.9.9".parse().expect("prefix"),
+        port,
+    };
+    for port in 1..=7u16 {
+        d.bind(&host(port, &labels[usize::from(port) % 4]))
+            .expect("bind host port");
+    }
+    d.bind(&host(0, &labels[3])).expect("bind host wildcard");
+    let fd = prog.fd().expect("program fd");
+    for round in 0..2 {
+        for port in 1..=9u16 {
+            let want = if port <= 7 && !(round == 1 && port % 2 == 0) {
+                &labels[usize::from(port) % 4]
+            } else {
+                &labels[3]
+            };
+            let ip: IpAddr = "10.9.9.9".parse().expect("ip");
+            let got = sys::sk_lookup_test_run(fd.as_fd(), &context(Protocol::Tcp, ip, port), 1)
+                .expect("test run");
+            assert_eq!(
+                got.cookie,
+                cookies[&(want.clone(), Family::Ipv4, Protocol::Tcp)],
+                "round {round}: port {port} should go to {want}"
+            );
+        }
+        // Then drop the even ports, inline and overflow alike.
+        for port in [2u16, 4, 6].into_iter().filter(|_| round == 0) {
+            d.unbind(&host(port, &labels[usize::from(port) % 4]))
+                .expect("unbind");
+        }
+    }
+
     // The sets must exercise all three outcomes, or the test proves little.
     assert!(
         totals.0 > 1000 && totals.1 > 100 && totals.2 > 500,

@@ -41,10 +41,10 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Set up, build (release) and run the data-plane benchmark as root: a
-    /// table of figures with ratios to baselines measured in the same run.
-    /// Arguments after `--` go to lookup-bench (`--sizes`, `--repeat`,
-    /// `--trials`).
+    /// Set up, build (release) and run the benchmarks as root: tables of
+    /// figures with ratios to baselines measured in the same run (see
+    /// BENCHMARKS.md). Arguments after `--` go to lookup-bench; `cargo xtask
+    /// bench -- --help` lists them.
     Bench {
         /// Arguments for lookup-bench.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -25,7 +25,8 @@ struct Args {
     /// Trials per figure (the median is reported).
     #[arg(long, default_value_t = 5)]
     trials: usize,
-    /// Bindings to apply through a real agent (0 skips that part).
+    /// Bindings to apply through a real agent, then to move in one batch
+    /// while single binds are timed (0 skips that part).
     #[arg(long, default_value_t = 1_000_000)]
     apply: usize,
     /// Bindings the dispatcher holds during the live-traffic part (0 skips

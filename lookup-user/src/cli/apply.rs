@@ -3,7 +3,7 @@
 use std::{io::Read as _, path::Path};
 
 use super::{Client, CmdResult};
-use crate::{batch, proto::Request};
+use crate::proto::Request;
 
 /// Reads, checks and sends a batch.
 pub fn apply(client: &Client, file: Option<&Path>) -> CmdResult {
@@ -17,7 +17,7 @@ pub fn apply(client: &Client, file: Option<&Path>) -> CmdResult {
         let from = file.map_or("standard input".to_owned(), |p| p.display().to_string());
         format!("cannot read {from}: {e}")
     })?;
-    // Check locally first: a bad line is reported before anything is sent.
-    batch::parse(&text).map_err(|e| e.to_string())?;
+    // The agent checks every line (and names the bad one) before it
+    // changes anything; checking here too would only parse twice.
     client.change(&Request::Apply { lines: text }, &[])
 }
