@@ -1471,8 +1471,9 @@ impl Dispatcher {
         }
         let (bound, moved, unbound) = plan.counts;
         Ok(format!(
-            "applied {} changes: {bound} bound, {moved} moved, {unbound} unbound, {} unchanged",
+            "applied {} change{}: {bound} bound, {moved} moved, {unbound} unbound, {} unchanged",
             plan.total,
+            if plan.total == 1 { "" } else { "s" },
             plan.total.saturating_sub(bound + moved + unbound)
         ))
     }
