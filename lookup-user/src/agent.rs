@@ -64,8 +64,11 @@ pub enum Error {
 /// between chunks.
 type Shared = Arc<Mutex<Dispatcher>>;
 
+/// Control connections served at once.
+const MAX_CLIENTS: usize = 256;
+
 /// Changes a batch applies before it lets other requests in.
-const APPLY_CHUNK: usize = 65_536;
+const APPLY_CHUNK: usize = 32_768;
 
 /// Runs the agent until SIGTERM or SIGINT. Steering stays in place after it
 /// returns: everything the data plane needs is pinned.
@@ -92,12 +95,22 @@ pub async fn run(config: Config) -> Result<(), Error> {
     info!(control = %config.control.display(), state = %state_dir.display(), "lookupd ready");
     notify_ready(&format!("serving {}", state_dir.display()));
 
+    // At most this many clients at once; more wait in the listen backlog.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
+        let next = async {
+            let slot = Arc::clone(&slots)
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            (slot, listener.accept().await)
+        };
         tokio::select! {
-            accepted = listener.accept() => match accepted {
+            (slot, accepted) = next => match accepted {
                 Ok((stream, _)) => {
                     let shared = Arc::clone(&shared);
                     tokio::spawn(async move {
+                        let _slot = slot;
                         match serve(stream, shared).await {
                             Ok(()) | Err(proto::FrameError::Closed) => {}
                             Err(e) => debug!(error = %e, "control connection failed"),
@@ -188,29 +201,29 @@ async fn serve(mut stream: UnixStream, shared: Shared) -> Result<(), proto::Fram
         }
         let mut frame = Vec::with_capacity(len);
         read_exact(&stream, &mut frame, len, &mut frame_fds).await?;
-        let parsed = serde_json::from_slice::<Request>(&frame);
-        // A batch frame can be tens of MiB: free it (and the read buffer's
-        // spare capacity) before the request is applied.
-        drop(frame);
-        let response = match parsed {
-            Ok(request) => {
-                let shared = Arc::clone(&shared);
-                tokio::task::spawn_blocking(move || handle(&shared, request, frame_fds))
-                    .await
-                    .unwrap_or_else(|e| {
-                        error!(error = %e, "request handler panicked");
-                        Response::Error {
-                            message: "internal error: the request handler panicked".into(),
-                        }
-                    })
-            }
-            Err(e) => Response::Error {
-                message: format!("malformed request: {e}"),
-            },
-        };
-        let frame = proto::encode(&response).or_else(|e| {
+        // Decoding (a batch can be tens of MiB), applying and encoding all run
+        // off the async workers, which stay free to serve other clients.
+        let shared = Arc::clone(&shared);
+        let frame = tokio::task::spawn_blocking(move || {
+            let parsed = serde_json::from_slice::<Request>(&frame);
+            drop(frame);
+            let response = match parsed {
+                Ok(request) => handle(&shared, request, frame_fds),
+                Err(e) => Response::Error {
+                    message: format!("malformed request: {e}"),
+                },
+            };
+            proto::encode(&response).or_else(|e| {
+                proto::encode(&Response::Error {
+                    message: format!("the answer could not be sent: {e}"),
+                })
+            })
+        })
+        .await
+        .unwrap_or_else(|e| {
+            error!(error = %e, "request handler panicked");
             proto::encode(&Response::Error {
-                message: format!("the answer could not be sent: {e}"),
+                message: "internal error: the request handler panicked".into(),
             })
         })?;
         stream.write_all(&frame).await?;
@@ -321,17 +334,33 @@ pub fn handle(shared: &Mutex<Dispatcher>, request: Request, fds: Vec<OwnedFd>) -
                     // one chunk, not for a million changes.
                     let parsed_at = started.elapsed();
                     let locked = std::time::Instant::now();
-                    let mut plan = match d.prepare_batch(batch) {
+                    // Checked in steps, other clients served in between;
+                    // nothing changes until the whole batch has passed.
+                    let mut check = d.begin_check(batch);
+                    loop {
+                        match d.check_some(&mut check, APPLY_CHUNK) {
+                            Ok(true) => break,
+                            Ok(false) => {
+                                drop(d);
+                                d = shared.blocking_lock();
+                            }
+                            Err(e) => return fail(e),
+                        }
+                    }
+                    let mut plan = match d.plan_batch(check) {
                         Ok(plan) => plan,
                         Err(e) => return fail(e),
                     };
                     let checked_in = locked.elapsed();
                     let mut failed = None;
+                    let mut longest_chunk = std::time::Duration::ZERO;
                     while !plan.is_done() {
+                        let chunk_started = std::time::Instant::now();
                         if let Err(e) = d.apply_chunk(&mut plan, APPLY_CHUNK) {
                             failed = Some(e);
                             break;
                         }
+                        longest_chunk = longest_chunk.max(chunk_started.elapsed());
                         drop(d);
                         d = shared.blocking_lock();
                     }
@@ -339,6 +368,7 @@ pub fn handle(shared: &Mutex<Dispatcher>, request: Request, fds: Vec<OwnedFd>) -
                     info!(
                         parse_ms = parsed_at.as_millis() as u64,
                         check_ms = checked_in.as_millis() as u64,
+                        longest_chunk_ms = longest_chunk.as_millis() as u64,
                         total_ms = started.elapsed().as_millis() as u64,
                         "batch done"
                     );

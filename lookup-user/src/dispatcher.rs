@@ -291,6 +291,35 @@ impl Destination {
     }
 }
 
+/// What a selector is bound to while a batch is folded over it: the
+/// current binding's destination, or a label of the batch. Compared by
+/// name, never cloned: a batch can hold a million changes.
+#[derive(Clone, Copy, PartialEq)]
+enum Bound {
+    Nothing,
+    Now(u32),
+    Batch(u32),
+}
+
+fn name_of<'a>(b: Bound, this: &'a Dispatcher, labels: &'a [Label]) -> Option<&'a str> {
+    match b {
+        Bound::Nothing => None,
+        Bound::Now(id) => this.destination(id).map(|d| d.label.as_str()),
+        Bound::Batch(l) => Some(labels[l as usize].as_str()),
+    }
+}
+
+/// A batch being checked: its changes in precedence order and the net
+/// effect found so far.
+#[derive(Debug)]
+pub struct BatchCheck {
+    batch: crate::batch::Batch,
+    total: usize,
+    next: usize,
+    net: Vec<(Selector, Option<u32>)>,
+    new_hosts: usize,
+}
+
 /// A checked batch, ready to apply in chunks: its net changes in a safe
 /// order, with destination ids resolved and held until it is finished.
 #[derive(Debug)]
@@ -1223,39 +1252,34 @@ impl Dispatcher {
         Ok(format!("unbound {selector} -> {}", binding.label))
     }
 
-    /// Checks a batch and plans it: every change is checked first (an
-    /// `unbind` must find its binding with its label, counting earlier
-    /// changes of the batch) and a refused batch changes nothing; the plan
-    /// holds the net effect per binding, additions and moves most specific
-    /// first, then removals least specific first, to be written by
-    /// [`Dispatcher::apply_chunk`] with batched syscalls for host bindings.
-    pub fn prepare_batch(&mut self, mut batch: crate::batch::Batch) -> Result<BatchPlan> {
-        self.ensure_pinned()?;
-        use crate::batch::Change;
-        let total = batch.changes.len();
-        // Net effect per selector: group a selector's changes (stable sort
-        // keeps their order) and fold them over the current binding.
+    /// Starts checking a batch (see [`Dispatcher::prepare_batch`]); the
+    /// check runs in steps with [`Dispatcher::check_some`], so an agent can
+    /// serve other clients between them.
+    pub fn begin_check(&self, mut batch: crate::batch::Batch) -> BatchCheck {
         batch.sort();
-        // What a selector is bound to while the batch is folded over it: the
-        // current binding's destination, or a label of the batch. Compared
-        // by name, never cloned: a batch can hold a million changes.
-        #[derive(Clone, Copy, PartialEq)]
-        enum Bound {
-            Nothing,
-            Now(u32),
-            Batch(u32),
+        BatchCheck {
+            total: batch.changes.len(),
+            batch,
+            next: 0,
+            net: Vec::new(),
+            new_hosts: 0,
         }
-        fn name_of<'a>(b: Bound, this: &'a Dispatcher, labels: &'a [Label]) -> Option<&'a str> {
-            match b {
-                Bound::Nothing => None,
-                Bound::Now(id) => this.destination(id).map(|d| d.label.as_str()),
-                Bound::Batch(l) => Some(labels[l as usize].as_str()),
-            }
-        }
-        // (selector, new label index or None)
-        let mut net: Vec<(Selector, Option<u32>)> = Vec::new();
-        let mut i = 0;
+    }
+
+    /// Checks at least `max_changes` more changes of a batch (whole
+    /// bindings at a time); `Ok(true)` once all are checked. An `unbind`
+    /// must find its binding with its label, counting earlier changes of
+    /// the batch. Nothing is changed here.
+    pub fn check_some(&self, check: &mut BatchCheck, max_changes: usize) -> Result<bool> {
+        use crate::batch::Change;
+        let batch = &check.batch;
+        let mut i = check.next;
+        let stop = i.saturating_add(max_changes);
         while i < batch.changes.len() {
+            if i >= stop {
+                check.next = i;
+                return Ok(false);
+            }
             let sel = batch.changes[i].selector;
             let initially = self.bound(&sel).map_or(Bound::Nothing, Bound::Now);
             let mut state = initially;
@@ -1290,7 +1314,13 @@ impl Dispatcher {
                 i += 1;
             }
             if name_of(state, self, &batch.labels) != name_of(initially, self, &batch.labels) {
-                net.push((
+                if sel.prefix.is_host()
+                    && initially == Bound::Nothing
+                    && matches!(state, Bound::Batch(_))
+                {
+                    check.new_hosts += 1;
+                }
+                check.net.push((
                     sel,
                     match state {
                         Bound::Batch(l) => Some(l),
@@ -1299,6 +1329,34 @@ impl Dispatcher {
                 ));
             }
         }
+        check.next = batch.changes.len();
+        Ok(true)
+    }
+
+    /// Checks a batch and plans it: every change is checked first, and a
+    /// refused batch changes nothing; the plan holds the net effect per
+    /// binding, additions and moves most specific first, then removals
+    /// least specific first, to be written by [`Dispatcher::apply_chunk`]
+    /// with batched syscalls.
+    pub fn prepare_batch(&mut self, batch: crate::batch::Batch) -> Result<BatchPlan> {
+        self.ensure_pinned()?;
+        let mut check = self.begin_check(batch);
+        while !self.check_some(&mut check, usize::MAX)? {}
+        self.plan_batch(check)
+    }
+
+    /// Turns a fully checked batch into a plan: allocates the destinations
+    /// it binds (held until [`Dispatcher::finish_batch`]) and orders its
+    /// changes.
+    pub fn plan_batch(&mut self, check: BatchCheck) -> Result<BatchPlan> {
+        self.ensure_pinned()?;
+        let BatchCheck {
+            batch,
+            total,
+            net,
+            new_hosts,
+            ..
+        } = check;
 
         // Destinations for every label bound; any allocated here and left
         // unused by a failure are freed again by `unpin`.
@@ -1340,10 +1398,6 @@ impl Dispatcher {
             .chain(removes.into_iter().rev().map(|(s, _)| (s, None)))
             .collect();
         drop(batch);
-        let new_hosts = changes
-            .iter()
-            .filter(|(s, id)| id.is_some() && s.prefix.is_host() && self.bound(s).is_none())
-            .count();
         if self.hosts_count() + new_hosts > lookup_common::MAX_BINDINGS as usize {
             self.unpin(&ids)?;
             return Err(Error::BatchTooLarge {
