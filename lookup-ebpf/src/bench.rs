@@ -12,13 +12,9 @@
 
 #[cfg(target_arch = "bpf")]
 mod programs {
-    use core::cell::UnsafeCell;
-
     use aya_ebpf::{
         EbpfContext as _,
-        bindings::{
-            bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SOCKMAP, sk_action::SK_DROP, sk_action::SK_PASS,
-        },
+        bindings::{sk_action::SK_DROP, sk_action::SK_PASS},
         helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release},
         macros::{map, sk_lookup},
         maps::{LpmTrie, lpm_trie::Key},
@@ -27,33 +23,19 @@ mod programs {
     use lookup_common::{
         BindingKey, BindingValue, KEY_HEADER_BITS, MAX_BINDINGS, MAX_DESTINATIONS,
     };
+    use lookup_ebpf::SockMap64;
 
     #[map(name = "REF_BINDINGS")]
     static REF_BINDINGS: LpmTrie<BindingKey, BindingValue> =
         LpmTrie::with_max_entries(MAX_BINDINGS, 0);
 
-    #[repr(transparent)]
-    struct SockMap64(UnsafeCell<bpf_map_def>);
-
-    // SAFETY: only the loader reads the definition.
-    unsafe impl Sync for SockMap64 {}
-
     #[unsafe(link_section = "maps")]
     #[unsafe(export_name = "REF_SOCKETS")]
-    static REF_SOCKETS: SockMap64 = SockMap64(UnsafeCell::new(bpf_map_def {
-        type_: BPF_MAP_TYPE_SOCKMAP,
-        key_size: 4,
-        value_size: 8,
-        max_entries: MAX_DESTINATIONS,
-        map_flags: 0,
-        id: 0,
-        pinning: 0,
-    }));
+    static REF_SOCKETS: SockMap64 = SockMap64::new(MAX_DESTINATIONS, false);
 
     #[inline(always)]
     fn assign(ctx: &SkLookupContext, index: u32) -> u32 {
-        let sk =
-            unsafe { bpf_map_lookup_elem(REF_SOCKETS.0.get().cast(), (&raw const index).cast()) };
+        let sk = unsafe { bpf_map_lookup_elem(REF_SOCKETS.as_ptr(), (&raw const index).cast()) };
         if sk.is_null() {
             return SK_DROP;
         }

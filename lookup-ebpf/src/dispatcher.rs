@@ -1,12 +1,8 @@
 //! The program, its maps and the lookup sequence.
 
-use core::cell::UnsafeCell;
-
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{
-        bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SOCKMAP, sk_action::SK_DROP, sk_action::SK_PASS,
-    },
+    bindings::{sk_action::SK_DROP, sk_action::SK_PASS},
     helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release},
     macros::{map, sk_lookup},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
@@ -17,12 +13,12 @@ use lookup_common::{
     KEY_HEADER_BITS, MAX_BINDINGS, MAX_DESTINATIONS, MAX_PORT_ENTRIES, Meta, NO_DESTINATION,
     PortKey, PrefixKey, PrefixValue,
 };
+use lookup_ebpf::SockMap64;
 
 const EAFNOSUPPORT: i64 = 97;
 const EPROTOTYPE: i64 = 91;
 const ESOCKTNOSUPPORT: i64 = 94;
 const BPF_F_NO_PREALLOC: u32 = 1;
-const PIN_BY_NAME: u32 = 1;
 
 #[map(name = "LOOKUP_HOSTS")]
 static HOSTS: HashMap<BindingKey, HostValue> = HashMap::pinned(MAX_BINDINGS, BPF_F_NO_PREALLOC);
@@ -51,27 +47,9 @@ static DESTINATIONS: Array<DestinationRecord> = Array::pinned(MAX_DESTINATIONS, 
 #[map(name = "LOOKUP_META")]
 static META: Array<Meta> = Array::pinned(1, 0);
 
-/// A sockmap with 8-byte values. aya-ebpf's `SockMap` fixes the value at 4
-/// bytes, and with 4-byte values the kernel will not report socket cookies to
-/// user space, which the agent needs to show what is registered.
-#[repr(transparent)]
-struct SockMap64(UnsafeCell<bpf_map_def>);
-
-// SAFETY: the definition is only read by the loader; the program passes its
-// address to helpers and never writes through it.
-unsafe impl Sync for SockMap64 {}
-
 #[unsafe(link_section = "maps")]
 #[unsafe(export_name = "LOOKUP_SOCKETS")]
-static SOCKETS: SockMap64 = SockMap64(UnsafeCell::new(bpf_map_def {
-    type_: BPF_MAP_TYPE_SOCKMAP,
-    key_size: 4,
-    value_size: 8,
-    max_entries: MAX_DESTINATIONS,
-    map_flags: 0,
-    id: 0,
-    pinning: PIN_BY_NAME,
-}));
+static SOCKETS: SockMap64 = SockMap64::new(MAX_DESTINATIONS, true);
 
 #[sk_lookup]
 pub fn lookup_dispatcher(ctx: SkLookupContext) -> u32 {
@@ -135,8 +113,7 @@ fn steer(ctx: &SkLookupContext, destination: u32) -> u32 {
     let metrics = unsafe { &mut *metrics };
     metrics.lookups += 1;
 
-    let sk =
-        unsafe { bpf_map_lookup_elem(SOCKETS.0.get().cast(), (&raw const destination).cast()) };
+    let sk = unsafe { bpf_map_lookup_elem(SOCKETS.as_ptr(), (&raw const destination).cast()) };
     if sk.is_null() {
         // A binding reserves its addresses even while its service is down.
         metrics.misses += 1;

@@ -4,9 +4,12 @@
 #![no_std]
 #![cfg(target_arch = "bpf")]
 
-use core::ptr;
+use core::{cell::UnsafeCell, ffi::c_void, ptr};
 
-use aya_ebpf::{bindings::bpf_sk_lookup, programs::SkLookupContext};
+use aya_ebpf::{
+    bindings::{bpf_map_def, bpf_map_type::BPF_MAP_TYPE_SOCKMAP, bpf_sk_lookup},
+    programs::SkLookupContext,
+};
 use lookup_common::{BindingKey, FAMILY_V4, FAMILY_V6};
 
 /// The lookup's protocol, family, local port and address as a
@@ -52,4 +55,35 @@ pub fn destination_key(ctx: &SkLookupContext) -> Option<(BindingKey, u32)> {
         return None;
     };
     Some((key, bits))
+}
+
+/// A sockmap with 8-byte values, for a `#[link_section = "maps"]` static.
+/// aya-ebpf's `SockMap` fixes the value at 4 bytes, and with 4-byte values
+/// the kernel does not report socket cookies to user space, which the agent
+/// needs to show what is registered.
+#[repr(transparent)]
+pub struct SockMap64(UnsafeCell<bpf_map_def>);
+
+// SAFETY: the definition is only read by the loader; programs pass its
+// address to helpers and never write through it.
+unsafe impl Sync for SockMap64 {}
+
+impl SockMap64 {
+    /// A definition of `max_entries` slots, pinned by name if `pinned`.
+    pub const fn new(max_entries: u32, pinned: bool) -> Self {
+        Self(UnsafeCell::new(bpf_map_def {
+            type_: BPF_MAP_TYPE_SOCKMAP,
+            key_size: 4,
+            value_size: 8,
+            max_entries,
+            map_flags: 0,
+            id: 0,
+            pinning: pinned as u32,
+        }))
+    }
+
+    /// The map, as helpers take it.
+    pub const fn as_ptr(&self) -> *mut c_void {
+        self.0.get().cast()
+    }
 }

@@ -1073,77 +1073,35 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Writes host ops, each run of one kind with one batched syscall.
+    /// Writes host ops, each kind with one batched syscall, kinds in the
+    /// order of [`HostOp::phase`] (the order `HostIndex` emits them in).
     fn apply_host_ops(&self, ops: &[HostOp]) -> Result<()> {
-        let mut i = 0;
-        while i < ops.len() {
-            let phase = ops[i].phase();
-            let j = ops[i..]
-                .iter()
-                .position(|o| o.phase() != phase)
-                .map_or(ops.len(), |n| i + n);
-            let run = &ops[i..j];
-            let res = match phase {
-                0 => {
-                    let (k, v): (Vec<_>, Vec<_>) = run
-                        .iter()
-                        .filter_map(|o| {
-                            if let HostOp::PortPut(k, d) = o {
-                                Some((*k, *d))
-                            } else {
-                                None
-                            }
-                        })
-                        .unzip();
-                    sys::map_update_batch(self.host_ports_fd.as_fd(), &k, &v)
+        let (mut port_keys, mut port_dests) = (Vec::new(), Vec::new());
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        let (mut deleted, mut ports_deleted) = (Vec::new(), Vec::new());
+        for op in ops {
+            match *op {
+                HostOp::PortPut(k, d) => {
+                    port_keys.push(k);
+                    port_dests.push(d);
                 }
-                1 => {
-                    let (k, v): (Vec<_>, Vec<_>) = run
-                        .iter()
-                        .filter_map(|o| {
-                            if let HostOp::Put(k, v) = o {
-                                Some((*k, *v))
-                            } else {
-                                None
-                            }
-                        })
-                        .unzip();
-                    sys::map_update_batch(self.hosts_fd.as_fd(), &k, &v)
+                HostOp::Put(k, v) => {
+                    keys.push(k);
+                    values.push(v);
                 }
-                2 => {
-                    let k: Vec<_> = run
-                        .iter()
-                        .filter_map(|o| {
-                            if let HostOp::Del(k) = o {
-                                Some(*k)
-                            } else {
-                                None
-                            }
-                        })
-                        .collect();
-                    sys::map_delete_batch(self.hosts_fd.as_fd(), &k)
-                }
-                _ => {
-                    let k: Vec<_> = run
-                        .iter()
-                        .filter_map(|o| {
-                            if let HostOp::PortDel(k) = o {
-                                Some(*k)
-                            } else {
-                                None
-                            }
-                        })
-                        .collect();
-                    sys::map_delete_batch(self.host_ports_fd.as_fd(), &k)
-                }
-            };
-            res.map_err(|(_, source)| Error::Io {
-                what: "cannot write host bindings".into(),
-                source,
-            })?;
-            i = j;
+                HostOp::Del(k) => deleted.push(k),
+                HostOp::PortDel(k) => ports_deleted.push(k),
+            }
         }
-        Ok(())
+        let failed = |(_, source): (usize, io::Error)| Error::Io {
+            what: "cannot write host bindings".into(),
+            source,
+        };
+        sys::map_update_batch(self.host_ports_fd.as_fd(), &port_keys, &port_dests)
+            .map_err(failed)?;
+        sys::map_update_batch(self.hosts_fd.as_fd(), &keys, &values).map_err(failed)?;
+        sys::map_delete_batch(self.hosts_fd.as_fd(), &deleted).map_err(failed)?;
+        sys::map_delete_batch(self.host_ports_fd.as_fd(), &ports_deleted).map_err(failed)
     }
 
     /// The destination a binding points at, host or wide.
