@@ -54,6 +54,15 @@ mod programs {
         assign(&ctx, 0)
     }
 
+    /// The floor for live traffic: steers only port 53 (the bench's UDP
+    /// target), so replies to the client take the normal lookup.
+    #[sk_lookup]
+    pub fn bench_floor_port(ctx: SkLookupContext) -> u32 {
+        // SAFETY: the kernel hands the program a valid context.
+        let port = unsafe { core::ptr::read_volatile(&raw const (*ctx.lookup).local_port) };
+        if port == 53 { assign(&ctx, 0) } else { SK_PASS }
+    }
+
     #[sk_lookup]
     pub fn bench_reference(ctx: SkLookupContext) -> u32 {
         let Some((mut key, bits)) = lookup_ebpf::destination_key(&ctx) else {

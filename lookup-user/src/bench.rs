@@ -1035,6 +1035,62 @@ fn unshare_net() -> Result<()> {
     Ok(())
 }
 
+/// UDP request/response rates through the floor program (one sockmap
+/// assign for port 53, nothing else) in a namespace of its own: direct and
+/// steered, alternating. Separates the hook's cost from the dispatcher's.
+pub fn udp_floor() -> Result<(f64, f64)> {
+    unshare_net()?;
+    let mut one = nix::sched::CpuSet::new();
+    one.set(0)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one)
+        .context("sched_setaffinity")?;
+    let (server, port) = udp_server("A")?;
+    let s = std::process::Command::new("ip")
+        .args(["route", "add", "local", "198.51.101.0/24", "dev", "lo"])
+        .status()?;
+    ensure!(s.success(), "ip route add local");
+    let mut ebpf = EbpfLoader::new().load(BENCH_OBJECT)?;
+    let sockets = match ebpf.take_map("REF_SOCKETS").context("REF_SOCKETS")? {
+        Map::SockMap(m) => m,
+        _ => bail!("REF_SOCKETS is not a sockmap"),
+    };
+    sys::sockmap_update(sockets.fd().as_fd(), 0, server.as_fd())?;
+    let prog: &mut SkLookup = ebpf
+        .program_mut("bench_floor_port")
+        .context("floor")?
+        .try_into()?;
+    prog.load()?;
+    let netns = std::fs::File::open("/proc/thread-self/ns/net")?;
+    prog.attach(&netns)?;
+    let client = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    client.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+    let exchange = |target: SocketAddr| -> Result<()> {
+        client.send_to(b"x", target)?;
+        let mut buf = [0u8; 8];
+        let (n, _) = client.recv_from(&mut buf)?;
+        ensure!(&buf[..n] == b"A", "UDP answered by {:?}", &buf[..n]);
+        Ok(())
+    };
+    let direct: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let steered: SocketAddr = "198.51.101.7:53".parse()?;
+    let (mut d, mut st) = (Vec::new(), Vec::new());
+    for _ in 0..10 {
+        st.push(rate(0.25, || exchange(steered))?);
+        d.push(rate(0.25, || exchange(direct))?);
+    }
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut all = nix::sched::CpuSet::new();
+    for cpu in 0..nix::sched::CpuSet::count() {
+        let _ = all.set(cpu);
+    }
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &all)
+        .context("sched_setaffinity")?;
+    Ok((med(d), med(st)))
+}
+
 /// The traffic figures as a report.
 pub fn traffic_report(r: &TrafficResult) -> String {
     format!(
