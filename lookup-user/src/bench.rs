@@ -181,7 +181,9 @@ fn filler(rng: &mut Rng) -> Binding {
     }
 }
 
-fn server(family: Family, protocol: Protocol) -> Result<OwnedFd> {
+/// A listening TCP or bound UDP socket on loopback (IPv6 sockets are
+/// IPv6-only), as a registered service would hold.
+pub fn server(family: Family, protocol: Protocol) -> Result<OwnedFd> {
     let (af, addr): (_, SocketAddr) = match family {
         Family::Ipv4 => (AddressFamily::Inet, "127.0.0.1:0".parse()?),
         Family::Ipv6 => (AddressFamily::Inet6, "[::1]:0".parse()?),
@@ -588,10 +590,6 @@ pub fn apply_through_agent(scratch: &Path, bpffs: &Path, count: usize) -> Result
         "second apply failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    ensure!(
-        !busy.is_empty(),
-        "the batch drained in {batch_seconds:.2} s, before any bind could be timed: use a larger --apply"
-    );
     let pct = |mut v: Vec<f64>, q: f64| {
         v.sort_by(f64::total_cmp);
         v.get(((v.len() as f64 - 1.0) * q).round() as usize)
@@ -688,7 +686,7 @@ impl Drop for Agent {
 }
 
 /// The apply figures as a report.
-pub fn apply_report(r: &ApplyResult) -> String {
+fn apply_table(r: &ApplyResult) -> String {
     format!(
         "Applying {} bindings through lookupd (`lookupctl apply`)\n\n\
          | figure | lookup | baseline: one bpf(2) call per binding into the textbook trie | ratio |\n\
@@ -696,13 +694,7 @@ pub fn apply_report(r: &ApplyResult) -> String {
          | wall time | {:.2} s | {:.2} s | {:.2}x |\n\
          | bindings per second | {:.0} | {:.0} | {:.2}x |\n\
          | agent peak RSS | {:.1} MiB | | |\n\
-         | kernel memory of the maps | {:.1} MiB | | |\n\n\
-         Single `lookupctl bind` round trips (ms) while a batch moving all {} bindings drains ({:.2} s), \
-         against the same with the agent idle\n\n\
-         | figure | idle | during the batch ({} binds) | ratio |\n\
-         |---|---:|---:|---:|\n\
-         | median | {:.2} | {:.2} | {:.1}x |\n\
-         | worst | {:.2} | {:.2} | {:.1}x |\n",
+         | kernel memory of the maps | {:.1} MiB | | |\n",
         r.bindings,
         r.seconds,
         r.reference_seconds,
@@ -712,16 +704,40 @@ pub fn apply_report(r: &ApplyResult) -> String {
         (r.bindings as f64 / r.seconds) / (r.bindings as f64 / r.reference_seconds),
         r.agent_peak_kib as f64 / 1024.0,
         r.map_bytes as f64 / (1024.0 * 1024.0),
-        r.bindings,
-        r.latency.batch_seconds,
-        r.latency.busy_samples,
-        r.latency.idle_p50_ms,
-        r.latency.busy_p50_ms,
-        r.latency.busy_p50_ms / r.latency.idle_p50_ms,
-        r.latency.idle_max_ms,
-        r.latency.busy_max_ms,
-        r.latency.busy_max_ms / r.latency.idle_max_ms,
     )
+}
+
+pub fn apply_report(r: &ApplyResult) -> String {
+    let mut out = apply_table(r);
+    let l = &r.latency;
+    if l.busy_samples == 0 {
+        let _ = writeln!(
+            out,
+            "\nSingle `lookupctl bind` round trips during the batch: n/a (it drained in {:.2} s, \
+             before a bind could be timed; use a larger --apply)",
+            l.batch_seconds
+        );
+        return out;
+    }
+    let _ = write!(
+        out,
+        "\nSingle `lookupctl bind` round trips (ms) while a batch moving all {} bindings drains \
+         ({:.2} s), against the same with the agent idle\n\n\
+         | figure | idle | during the batch ({} binds) | ratio |\n\
+         |---|---:|---:|---:|\n\
+         | median | {:.2} | {:.2} | {:.1}x |\n\
+         | worst | {:.2} | {:.2} | {:.1}x |\n",
+        r.bindings,
+        l.batch_seconds,
+        l.busy_samples,
+        l.idle_p50_ms,
+        l.busy_p50_ms,
+        l.busy_p50_ms / l.idle_p50_ms,
+        l.idle_max_ms,
+        l.busy_max_ms,
+        l.busy_max_ms / l.idle_max_ms,
+    );
+    out
 }
 
 /// Results of the live-traffic phase.
@@ -821,17 +837,10 @@ pub fn traffic(
     bindings: usize,
     churn_seconds: f64,
 ) -> Result<TrafficResult> {
-    use std::process::Command;
-
     use crate::{cli::Client, proto::Request};
     unshare_net()?;
-    // One CPU for client, servers and agent: on a small VM, where the
-    // scheduler places two ping-ponging threads swings a run by tens of
-    // percent; on one CPU the comparison is of the work done.
-    let mut one = nix::sched::CpuSet::new();
-    one.set(0)?;
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one)
-        .context("sched_setaffinity")?;
+    // One CPU for client, servers and agent (see pin_to_cpu0).
+    pin_to_cpu0()?;
 
     let (_a, a_port) = tcp_server("A")?;
     let (_b, _) = tcp_server("B")?;
@@ -839,13 +848,7 @@ pub fn traffic(
     let (ua, ua_port) = udp_server("A")?;
     let udp_client = std::net::UdpSocket::bind("127.0.0.1:0")?;
     udp_client.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
-    let exchange = |target: SocketAddr| -> Result<()> {
-        udp_client.send_to(b"x", target)?;
-        let mut buf = [0u8; 8];
-        let (n, _) = udp_client.recv_from(&mut buf)?;
-        ensure!(&buf[..n] == b"A", "UDP answered by {:?}", &buf[..n]);
-        Ok(())
-    };
+    let exchange = |target: SocketAddr| udp_exchange(&udp_client, target, "A");
     let direct_tcp: SocketAddr = format!("127.0.0.1:{a_port}").parse()?;
     let direct_udp: SocketAddr = format!("127.0.0.1:{ua_port}").parse()?;
 
@@ -912,10 +915,7 @@ pub fn traffic(
         .call(&Request::Apply { lines: text }, &[])
         .map_err(anyhow::Error::msg)?;
     for p in ["198.51.100.0/24", "198.51.101.0/24", "100.64.0.0/16"] {
-        let s = Command::new("ip")
-            .args(["route", "add", "local", p, "dev", "lo"])
-            .status()?;
-        ensure!(s.success(), "ip route add local {p}");
+        route_local(p)?;
     }
 
     let steered_tcp: SocketAddr = "198.51.101.7:80".parse()?;
@@ -938,12 +938,7 @@ pub fn traffic(
         udp_attached.push(rate(0.25, || exchange(direct_udp))?);
     }
     // The churn below runs on both CPUs.
-    let mut all = nix::sched::CpuSet::new();
-    for cpu in 0..nix::sched::CpuSet::count() {
-        let _ = all.set(cpu);
-    }
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &all)
-        .context("sched_setaffinity")?;
+    unpin()?;
 
     // Churn: one thread moves the 4096 hosts between A and B in batches as
     // fast as the agent takes them; this thread dials meanwhile.
@@ -1026,6 +1021,46 @@ pub fn traffic(
     })
 }
 
+/// Pins the calling thread (and what it starts) to CPU 0: on a small VM,
+/// where the scheduler places two ping-ponging threads swings a run by tens
+/// of percent; on one CPU the comparison is of the work done.
+fn pin_to_cpu0() -> Result<()> {
+    let mut one = nix::sched::CpuSet::new();
+    one.set(0)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).context("sched_setaffinity")
+}
+
+/// Undoes [`pin_to_cpu0`].
+fn unpin() -> Result<()> {
+    let mut all = nix::sched::CpuSet::new();
+    for cpu in 0..nix::sched::CpuSet::count() {
+        let _ = all.set(cpu);
+    }
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &all).context("sched_setaffinity")
+}
+
+/// Makes every address of `prefix` local to this namespace.
+fn route_local(prefix: &str) -> Result<()> {
+    let s = std::process::Command::new("ip")
+        .args(["route", "add", "local", prefix, "dev", "lo"])
+        .status()?;
+    ensure!(s.success(), "ip route add local {prefix}");
+    Ok(())
+}
+
+/// One UDP request and its answer, which must come from server `name`.
+fn udp_exchange(client: &std::net::UdpSocket, target: SocketAddr, name: &str) -> Result<()> {
+    client.send_to(b"x", target)?;
+    let mut buf = [0u8; 8];
+    let (n, _) = client.recv_from(&mut buf)?;
+    ensure!(
+        &buf[..n] == name.as_bytes(),
+        "UDP answered by {:?}",
+        &buf[..n]
+    );
+    Ok(())
+}
+
 fn unshare_net() -> Result<()> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).context("unshare")?;
     let s = std::process::Command::new("ip")
@@ -1040,15 +1075,9 @@ fn unshare_net() -> Result<()> {
 /// steered, alternating. Separates the hook's cost from the dispatcher's.
 pub fn udp_floor() -> Result<(f64, f64)> {
     unshare_net()?;
-    let mut one = nix::sched::CpuSet::new();
-    one.set(0)?;
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one)
-        .context("sched_setaffinity")?;
+    pin_to_cpu0()?;
     let (server, port) = udp_server("A")?;
-    let s = std::process::Command::new("ip")
-        .args(["route", "add", "local", "198.51.101.0/24", "dev", "lo"])
-        .status()?;
-    ensure!(s.success(), "ip route add local");
+    route_local("198.51.101.0/24")?;
     let mut ebpf = EbpfLoader::new().load(BENCH_OBJECT)?;
     let sockets = match ebpf.take_map("REF_SOCKETS").context("REF_SOCKETS")? {
         Map::SockMap(m) => m,
@@ -1064,13 +1093,7 @@ pub fn udp_floor() -> Result<(f64, f64)> {
     prog.attach(&netns)?;
     let client = std::net::UdpSocket::bind("127.0.0.1:0")?;
     client.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
-    let exchange = |target: SocketAddr| -> Result<()> {
-        client.send_to(b"x", target)?;
-        let mut buf = [0u8; 8];
-        let (n, _) = client.recv_from(&mut buf)?;
-        ensure!(&buf[..n] == b"A", "UDP answered by {:?}", &buf[..n]);
-        Ok(())
-    };
+    let exchange = |target: SocketAddr| udp_exchange(&client, target, "A");
     let direct: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let steered: SocketAddr = "198.51.101.7:53".parse()?;
     let (mut d, mut st) = (Vec::new(), Vec::new());
@@ -1082,12 +1105,7 @@ pub fn udp_floor() -> Result<(f64, f64)> {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let mut all = nix::sched::CpuSet::new();
-    for cpu in 0..nix::sched::CpuSet::count() {
-        let _ = all.set(cpu);
-    }
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &all)
-        .context("sched_setaffinity")?;
+    unpin()?;
     Ok((med(d), med(st)))
 }
 

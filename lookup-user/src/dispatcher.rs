@@ -474,7 +474,15 @@ struct Maps {
 
 impl Maps {
     fn from(mut get: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
-        let conv = |name: &str| map_err(format!("map {name} has an unexpected type or size"));
+        // Each map, converted to its typed wrapper.
+        fn typed<T: TryFrom<Map, Error = MapError>>(
+            get: &mut impl FnMut(&str) -> Result<Map>,
+            name: &str,
+        ) -> Result<T> {
+            get(name)?.try_into().map_err(map_err(format!(
+                "map {name} has an unexpected type or size"
+            )))
+        }
         let sockets = match get(map_names::SOCKETS)? {
             Map::SockMap(data) => data,
             _ => {
@@ -485,31 +493,15 @@ impl Maps {
             }
         };
         Ok(Self {
-            hosts: get(map_names::HOSTS)?
-                .try_into()
-                .map_err(conv(map_names::HOSTS))?,
-            host_ports: get(map_names::HOST_PORTS)?
-                .try_into()
-                .map_err(conv(map_names::HOST_PORTS))?,
-            prefixes: get(map_names::PREFIXES)?
-                .try_into()
-                .map_err(conv(map_names::PREFIXES))?,
-            ports: get(map_names::PORTS)?
-                .try_into()
-                .map_err(conv(map_names::PORTS))?,
-            wide: get(map_names::WIDE)?
-                .try_into()
-                .map_err(conv(map_names::WIDE))?,
+            hosts: typed(&mut get, map_names::HOSTS)?,
+            host_ports: typed(&mut get, map_names::HOST_PORTS)?,
+            prefixes: typed(&mut get, map_names::PREFIXES)?,
+            ports: typed(&mut get, map_names::PORTS)?,
+            wide: typed(&mut get, map_names::WIDE)?,
             sockets,
-            metrics: get(map_names::METRICS)?
-                .try_into()
-                .map_err(conv(map_names::METRICS))?,
-            records: get(map_names::DESTINATIONS)?
-                .try_into()
-                .map_err(conv(map_names::DESTINATIONS))?,
-            meta: get(map_names::META)?
-                .try_into()
-                .map_err(conv(map_names::META))?,
+            metrics: typed(&mut get, map_names::METRICS)?,
+            records: typed(&mut get, map_names::DESTINATIONS)?,
+            meta: typed(&mut get, map_names::META)?,
         })
     }
 }

@@ -629,6 +629,22 @@ mod tests {
         }
     }
 
+    /// A wide prefix of either family, overlapping others often.
+    fn random_prefix(rng: &mut Rng) -> (u8, Bits, u8) {
+        let family = if rng.below(3) == 0 {
+            FAMILY_V6
+        } else {
+            FAMILY_V4
+        };
+        let lens: &[u8] = if family == FAMILY_V4 {
+            &[0, 8, 16, 22, 24, 29, 31]
+        } else {
+            &[0, 32, 48, 64, 100, 127]
+        };
+        let len = lens[rng.below(lens.len() as u64) as usize];
+        (family, mask(random_addr(rng, family), len), len)
+    }
+
     #[test]
     fn batches_answer_old_or_new_at_every_step() {
         for seed in 1..=10u64 {
@@ -641,18 +657,7 @@ mod tests {
                 let mut ops = Vec::new();
                 t.begin_batch();
                 for _ in 0..40 {
-                    let family = if rng.below(3) == 0 {
-                        FAMILY_V6
-                    } else {
-                        FAMILY_V4
-                    };
-                    let lens: &[u8] = if family == FAMILY_V4 {
-                        &[0, 8, 16, 22, 24, 29, 31]
-                    } else {
-                        &[0, 32, 48, 64, 100, 127]
-                    };
-                    let len = lens[rng.below(lens.len() as u64) as usize];
-                    let addr = mask(random_addr(&mut rng, family), len);
+                    let (family, addr, len) = random_prefix(&mut rng);
                     let port = [0u16, 0, 80, 443][rng.below(4) as usize];
                     let dest = if rng.below(3) == 0 {
                         None
@@ -719,18 +724,7 @@ mod tests {
                 } else {
                     PROTO_TCP
                 };
-                let family = if rng.below(3) == 0 {
-                    FAMILY_V6
-                } else {
-                    FAMILY_V4
-                };
-                let lens: &[u8] = if family == FAMILY_V4 {
-                    &[0, 8, 16, 22, 24, 29, 31]
-                } else {
-                    &[0, 32, 48, 64, 100, 127]
-                };
-                let len = lens[rng.below(lens.len() as u64) as usize];
-                let addr = mask(random_addr(&mut rng, family), len);
+                let (family, addr, len) = random_prefix(&mut rng);
                 let port = [0u16, 0, 80, 443, 8080][rng.below(5) as usize];
                 let dest = if rng.below(3) == 0 {
                     None

@@ -9,8 +9,8 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsFd, AsRawFd as _, OwnedFd},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::{AsFd, OwnedFd},
     path::Path,
 };
 
@@ -21,9 +21,6 @@ use lookup::{
     sys::{self, SkLookupCtx},
 };
 use lookup_tests::{BpfFs, NetNs, require_root};
-use nix::sys::socket::{
-    AddressFamily, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt, socket, sockopt,
-};
 
 const SK_PASS: u32 = 1;
 const SK_DROP: u32 = 0;
@@ -47,22 +44,7 @@ impl Rng {
 }
 
 fn server(family: Family, protocol: Protocol) -> (OwnedFd, u64) {
-    let (af, addr): (_, SocketAddr) = match family {
-        Family::Ipv4 => (AddressFamily::Inet, "127.0.0.1:0".parse().unwrap()),
-        Family::Ipv6 => (AddressFamily::Inet6, "[::1]:0".parse().unwrap()),
-    };
-    let ty = match protocol {
-        Protocol::Tcp => SockType::Stream,
-        Protocol::Udp => SockType::Datagram,
-    };
-    let fd = socket(af, ty, SockFlag::SOCK_CLOEXEC, None).expect("socket");
-    if family == Family::Ipv6 {
-        setsockopt(&fd, sockopt::Ipv6V6Only, &true).expect("IPV6_V6ONLY");
-    }
-    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).expect("bind");
-    if protocol == Protocol::Tcp {
-        listen(&fd, nix::sys::socket::Backlog::new(16).unwrap()).expect("listen");
-    }
+    let fd = lookup::bench::server(family, protocol).expect("server socket");
     let cookie = lookup::socket::inspect(fd.as_fd()).expect("inspect").cookie;
     (fd, cookie)
 }

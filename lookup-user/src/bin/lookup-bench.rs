@@ -54,16 +54,7 @@ fn isolate() -> Result<tempdir::Dir> {
         .status()
         .context("ip")?;
     ensure!(status.success(), "ip link set lo up failed");
-    let dir = tempdir::Dir::new()?;
-    mount(
-        Some("bpf"),
-        dir.path(),
-        Some("bpf"),
-        MsFlags::empty(),
-        None::<&str>,
-    )
-    .context("mounting bpffs")?;
-    Ok(dir)
+    bpffs()
 }
 
 mod tempdir {
