@@ -123,10 +123,12 @@ fn main() -> ExitCode {
                 args.churn_seconds,
             )?;
             println!("{}", bench::traffic_report(&r));
-            let (direct, steered) = bench::udp_floor()?;
+            let (none, direct, steered) = bench::udp_floor()?;
             println!(
-                "UDP through the floor program (one sockmap assign, same setup): direct {direct:.0}/s, \
-                 steered {steered:.0}/s, steered / direct {:.3}x\n",
+                "UDP through the floor program (one sockmap assign, same setup): no program {none:.0}/s, \
+                 direct with it attached {direct:.0}/s, steered {steered:.0}/s; steered / no program \
+                 {:.3}x, steered / direct {:.3}x\n",
+                steered / none,
                 steered / direct
             );
             let _ = std::fs::remove_file(scratch.path().join("traffic.sock"));
