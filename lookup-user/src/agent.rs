@@ -20,6 +20,7 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    churn,
     dispatcher::{self, Dispatcher},
     error_chain,
     proto::{self, Request, Response},
@@ -34,6 +35,9 @@ pub struct Config {
     pub bpffs: PathBuf,
     /// Path of the control socket.
     pub control: PathBuf,
+    /// Merge concurrent requests into one batch (see [`crate::churn`]);
+    /// off only to measure what merging gains.
+    pub merge: bool,
 }
 
 /// Errors that stop the agent.
@@ -59,16 +63,13 @@ pub enum Error {
     Signals(#[source] io::Error),
 }
 
-/// The dispatcher behind a fair (first come, first served) lock: requests
-/// are applied in the order they arrive, and a large batch yields to them
-/// between chunks.
+/// The dispatcher behind a fair (first come, first served) lock. Changes to
+/// bindings go through the writer ([`crate::churn`]); reads, registrations
+/// and the writer's steps take the lock in turn.
 type Shared = Arc<Mutex<Dispatcher>>;
 
 /// Control connections served at once.
 const MAX_CLIENTS: usize = 256;
-
-/// Changes a batch applies before it lets other requests in.
-const APPLY_CHUNK: usize = 32_768;
 
 /// Runs the agent until SIGTERM or SIGINT. Steering stays in place after it
 /// returns: everything the data plane needs is pinned.
@@ -89,6 +90,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let listener = listen(&config.control).await?;
     let state_dir = dispatcher.location().dir.clone();
     let shared: Shared = Arc::new(Mutex::new(dispatcher));
+    // Each client has at most one request in flight, so the queue never
+    // holds more than MAX_CLIENTS.
+    let queue = churn::start(Arc::clone(&shared), MAX_CLIENTS, config.merge);
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
@@ -109,9 +113,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
             (slot, accepted) = next => match accepted {
                 Ok((stream, _)) => {
                     let shared = Arc::clone(&shared);
+                    let queue = queue.clone();
                     tokio::spawn(async move {
                         let _slot = slot;
-                        match serve(stream, shared).await {
+                        match serve(stream, shared, queue).await {
                             Ok(()) | Err(proto::FrameError::Closed) => {}
                             Err(e) => debug!(error = %e, "control connection failed"),
                         }
@@ -180,7 +185,11 @@ async fn listen(path: &Path) -> Result<UnixListener, Error> {
     Ok(listener)
 }
 
-async fn serve(mut stream: UnixStream, shared: Shared) -> Result<(), proto::FrameError> {
+async fn serve(
+    mut stream: UnixStream,
+    shared: Shared,
+    queue: churn::Queue,
+) -> Result<(), proto::FrameError> {
     loop {
         // Read exactly one frame, header then body, never a byte beyond it:
         // the descriptors that arrive meanwhile are this frame's, even when
@@ -204,11 +213,12 @@ async fn serve(mut stream: UnixStream, shared: Shared) -> Result<(), proto::Fram
         // Decoding (a batch can be tens of MiB), applying and encoding all run
         // off the async workers, which stay free to serve other clients.
         let shared = Arc::clone(&shared);
+        let queue = queue.clone();
         let frame = tokio::task::spawn_blocking(move || {
             let parsed = serde_json::from_slice::<Request>(&frame);
             drop(frame);
             let response = match parsed {
-                Ok(request) => handle(&shared, request, frame_fds),
+                Ok(request) => handle(&shared, &queue, request, frame_fds),
                 Err(e) => Response::Error {
                     message: format!("malformed request: {e}"),
                 },
@@ -251,27 +261,12 @@ async fn read_exact(
 }
 
 /// Applies one request. Every refusal leaves the state as it was.
-pub fn handle(shared: &Mutex<Dispatcher>, request: Request, fds: Vec<OwnedFd>) -> Response {
-    // Parse and sort a batch before taking the lock: other clients wait
-    // only for the part that needs the state.
-    let started = std::time::Instant::now();
-    let (request, batch) = match request {
-        Request::Apply { lines } => {
-            let parsed = crate::batch::parse(&lines).map(|mut b| {
-                b.sort();
-                b
-            });
-            drop(lines);
-            (
-                Request::Apply {
-                    lines: String::new(),
-                },
-                Some(parsed),
-            )
-        }
-        other => (other, None),
-    };
-    let mut d = shared.blocking_lock();
+pub fn handle(
+    shared: &Mutex<Dispatcher>,
+    queue: &churn::Queue,
+    request: Request,
+    fds: Vec<OwnedFd>,
+) -> Response {
     let fail = |e: dispatcher::Error| {
         warn!(error = %error_chain(&e), "request refused");
         Response::Error {
@@ -285,13 +280,37 @@ pub fn handle(shared: &Mutex<Dispatcher>, request: Request, fds: Vec<OwnedFd>) -
         Response::Done { messages }
     };
     match request {
-        Request::Bind { binding } => d.bind(&binding).map(|m| done(vec![m])).unwrap_or_else(fail),
-        Request::Unbind { binding } => d
-            .unbind(&binding)
-            .map(|m| done(vec![m]))
-            .unwrap_or_else(fail),
+        // Changes to bindings go through the writer's queue.
+        Request::Bind { binding } => queue.submit_blocking(churn::Changes::Bind(binding)),
+        Request::Unbind { binding } => queue.submit_blocking(churn::Changes::Unbind(binding)),
+        Request::Apply { lines } => {
+            // Parsed, and if large sorted, here: the writer spends its time
+            // on the state only.
+            let started = std::time::Instant::now();
+            let parsed = crate::batch::parse(&lines);
+            drop(lines);
+            match parsed {
+                Ok(mut batch) => {
+                    if churn::is_large(batch.changes.len()) {
+                        batch.sort();
+                        info!(
+                            changes = batch.changes.len(),
+                            parse_ms = started.elapsed().as_millis() as u64,
+                            "batch parsed"
+                        );
+                    }
+                    queue.submit_blocking(churn::Changes::Apply(batch))
+                }
+                Err(e) => {
+                    warn!(error = %e, "batch refused");
+                    Response::Error {
+                        message: e.to_string(),
+                    }
+                }
+            }
+        }
         Request::Bindings => Response::Bindings {
-            bindings: d.bindings(),
+            bindings: shared.blocking_lock().bindings(),
         },
         Request::Register { .. } if fds.len() > proto::MAX_FDS => Response::Error {
             message: format!(
@@ -312,79 +331,26 @@ pub fn handle(shared: &Mutex<Dispatcher>, request: Request, fds: Vec<OwnedFd>) -
                     (fd, name)
                 })
                 .collect();
-            d.register(&label, sockets).map(done).unwrap_or_else(fail)
+            shared
+                .blocking_lock()
+                .register(&label, sockets)
+                .map(done)
+                .unwrap_or_else(fail)
         }
         Request::Unregister {
             label,
             family,
             protocol,
-        } => d
+        } => shared
+            .blocking_lock()
             .unregister(&label, family, protocol)
             .map(|m| done(vec![m]))
             .unwrap_or_else(fail),
-        Request::Status { label } => d
+        Request::Status { label } => shared
+            .blocking_lock()
             .status(label.as_ref())
             .map(Response::Status)
             .unwrap_or_else(fail),
-        Request::Apply { .. } => {
-            match batch.expect("parsed above") {
-                Ok(batch) => {
-                    // Checked whole under the lock, then written in chunks,
-                    // letting other clients in between: a `bind` waits for
-                    // one chunk, not for a million changes.
-                    let parsed_at = started.elapsed();
-                    let locked = std::time::Instant::now();
-                    // Checked in steps, other clients served in between;
-                    // nothing changes until the whole batch has passed.
-                    let mut check = d.begin_check(batch);
-                    loop {
-                        match d.check_some(&mut check, APPLY_CHUNK) {
-                            Ok(true) => break,
-                            Ok(false) => {
-                                drop(d);
-                                d = shared.blocking_lock();
-                            }
-                            Err(e) => return fail(e),
-                        }
-                    }
-                    let mut plan = match d.plan_batch(check) {
-                        Ok(plan) => plan,
-                        Err(e) => return fail(e),
-                    };
-                    let checked_in = locked.elapsed();
-                    let mut failed = None;
-                    let mut longest_chunk = std::time::Duration::ZERO;
-                    while !plan.is_done() {
-                        let chunk_started = std::time::Instant::now();
-                        if let Err(e) = d.apply_chunk(&mut plan, APPLY_CHUNK) {
-                            failed = Some(e);
-                            break;
-                        }
-                        longest_chunk = longest_chunk.max(chunk_started.elapsed());
-                        drop(d);
-                        d = shared.blocking_lock();
-                    }
-                    let summary = d.finish_batch(plan);
-                    info!(
-                        parse_ms = parsed_at.as_millis() as u64,
-                        check_ms = checked_in.as_millis() as u64,
-                        longest_chunk_ms = longest_chunk.as_millis() as u64,
-                        total_ms = started.elapsed().as_millis() as u64,
-                        "batch done"
-                    );
-                    match (failed, summary) {
-                        (Some(e), _) | (None, Err(e)) => fail(e),
-                        (None, Ok(m)) => done(vec![m]),
-                    }
-                }
-                Err(e) => {
-                    warn!(error = %e, "batch refused");
-                    Response::Error {
-                        message: e.to_string(),
-                    }
-                }
-            }
-        }
     }
 }
 

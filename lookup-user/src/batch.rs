@@ -19,7 +19,7 @@ pub struct Change {
 }
 
 /// A parsed batch; labels are interned (a batch has few distinct labels).
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Batch {
     /// Distinct labels.
     pub labels: Vec<Label>,

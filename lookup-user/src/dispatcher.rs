@@ -1097,6 +1097,13 @@ impl Dispatcher {
     }
 
     /// The destination a binding points at, host or wide.
+    /// The label a binding has, if it exists.
+    pub(crate) fn label_of(&self, selector: &Selector) -> Option<&Label> {
+        self.bound(selector)
+            .and_then(|id| self.destination(id))
+            .map(|d| &d.label)
+    }
+
     fn bound(&self, selector: &Selector) -> Option<u32> {
         if selector.prefix.is_host() {
             self.host_index.get(&selector.key())
@@ -1129,7 +1136,7 @@ impl Dispatcher {
 
     /// Refuses changes once the pinned state has been removed under a
     /// running agent: they would land in maps that steer nothing.
-    fn ensure_pinned(&self) -> Result<()> {
+    pub(crate) fn ensure_pinned(&self) -> Result<()> {
         if self.location.dir.join(LINK_PIN).exists() {
             Ok(())
         } else {

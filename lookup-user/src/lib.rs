@@ -7,6 +7,7 @@ pub mod agent;
 pub mod batch;
 pub mod bench;
 pub mod binding;
+pub mod churn;
 pub mod cli;
 pub mod dispatcher;
 pub mod hosts;

@@ -19,6 +19,10 @@ struct Args {
     /// Path of the control socket.
     #[arg(long, default_value = "/run/lookup/lookupd.sock", value_name = "PATH")]
     control: PathBuf,
+    /// Apply every request on its own instead of merging concurrent ones
+    /// (for benchmarks).
+    #[arg(long, hide = true)]
+    no_merge: bool,
 }
 
 fn main() -> ExitCode {
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
         netns: args.netns,
         bpffs: args.bpffs,
         control: args.control,
+        merge: !args.no_merge,
     };
     match runtime.block_on(agent::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
