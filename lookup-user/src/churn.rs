@@ -182,44 +182,17 @@ impl Writer {
         }
     }
 
-    /// Checks a group request by request, applies the merged net change,
-    /// and answers each request.
+    /// Applies a group and answers each request.
     fn apply_group(&self, group: Vec<Job>) {
         let started = Instant::now();
-        let mut d = self.shared.blocking_lock();
-        let requests = group.len();
-        let (outcomes, net_changes) = match d.ensure_pinned() {
-            Err(e) => {
-                let message = error_chain(&e);
-                let refused = group.iter().map(|_| Err(Refusal(message.clone())));
-                (refused.collect(), 0)
-            }
-            Ok(()) => {
-                let mut sim = Simulation::new(&d);
-                let outcomes: Vec<_> = group.iter().map(|j| sim.request(&j.changes)).collect();
-                let net = sim.net();
-                let n = net.changes.len();
-                drop(sim);
-                if n == 0 {
-                    (outcomes, 0)
-                } else {
-                    match d.apply_batch(net) {
-                        Ok(_) => (outcomes, n),
-                        Err(e) => {
-                            warn!(error = %error_chain(&e), requests, "a merged group failed; applying its requests one by one");
-                            (one_by_one(&mut d, &group, outcomes), n)
-                        }
-                    }
-                }
-            }
-        };
-        drop(d);
-        for (job, outcome) in group.into_iter().zip(outcomes) {
-            let _ = job.reply.send(answer(outcome));
+        let (changes, replies): (Vec<_>, Vec<_>) =
+            group.into_iter().map(|j| (j.changes, j.reply)).unzip();
+        let outcomes = apply_merged(&mut self.shared.blocking_lock(), &changes);
+        for (reply, outcome) in replies.into_iter().zip(outcomes) {
+            let _ = reply.send(answer(outcome));
         }
         debug!(
-            requests,
-            net_changes,
+            requests = changes.len(),
             micros = started.elapsed().as_micros() as u64,
             "group applied"
         );
@@ -233,7 +206,7 @@ impl Writer {
             unreachable!("only batches are large")
         };
         let started = Instant::now();
-        let outcome = self.large(batch, started);
+        let outcome = self.large(batch, started).map_err(|r| r.0);
         let _ = reply.send(answer(outcome));
     }
 
@@ -278,19 +251,55 @@ impl Writer {
     }
 }
 
+/// Applies a group of requests as if one after the other, in order, with
+/// the fewest map updates: each request is checked against the bindings as
+/// the ones before it leave them and refused whole or accepted whole, and
+/// the net change of the accepted ones is applied as one batch. Returns
+/// each request's outcome: what it did, or why it was refused.
+pub fn apply_merged(d: &mut Dispatcher, requests: &[Changes]) -> Vec<Result<String, String>> {
+    let outcomes = match d.ensure_pinned() {
+        Err(e) => {
+            let message = error_chain(&e);
+            requests.iter().map(|_| Err(Refusal(message.clone()))).collect()
+        }
+        Ok(()) => {
+            let mut sim = Simulation::new(d);
+            let outcomes: Vec<_> = requests.iter().map(|r| sim.request(r)).collect();
+            let net = sim.net();
+            drop(sim);
+            if net.changes.is_empty() {
+                outcomes
+            } else {
+                match d.apply_batch(net) {
+                    Ok(_) => outcomes,
+                    Err(e) => {
+                        warn!(
+                            error = %error_chain(&e),
+                            requests = requests.len(),
+                            "a merged group failed and was undone; applying its requests one by one"
+                        );
+                        one_by_one(d, requests, outcomes)
+                    }
+                }
+            }
+        }
+    };
+    outcomes.into_iter().map(|o| o.map_err(|r| r.0)).collect()
+}
+
 /// Applies each accepted request of a group on its own, in order: the
 /// fallback when the merged group failed (and was undone).
 fn one_by_one(
     d: &mut Dispatcher,
-    group: &[Job],
+    requests: &[Changes],
     checked: Vec<Result<String, Refusal>>,
 ) -> Vec<Result<String, Refusal>> {
-    group
+    requests
         .iter()
         .zip(checked)
-        .map(|(job, checked)| {
+        .map(|(changes, checked)| {
             checked?;
-            let applied = match &job.changes {
+            let applied = match changes {
                 Changes::Bind(b) => d.bind(b),
                 Changes::Unbind(b) => d.unbind(b),
                 Changes::Apply(batch) => d.apply_batch(batch.clone()),
@@ -310,15 +319,15 @@ impl From<dispatcher::Error> for Refusal {
     }
 }
 
-fn answer(outcome: Result<String, Refusal>) -> Response {
-    match outcome {
+fn answer(outcome: Result<String, impl Into<String>>) -> Response {
+    match outcome.map_err(Into::into) {
         Ok(message) => {
             info!("{message}");
             Response::Done {
                 messages: vec![message],
             }
         }
-        Err(Refusal(message)) => {
+        Err(message) => {
             warn!(error = %message, "request refused");
             Response::Error { message }
         }

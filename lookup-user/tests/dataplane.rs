@@ -336,3 +336,243 @@ fn data_plane_matches_precedence_order() {
     );
     drop(keep);
 }
+
+/// Groups of concurrent requests, as the churn engine merges them, against
+/// a model that applies them one after the other: every request must be
+/// accepted or refused exactly as if alone and in order, and the merged
+/// result must steer like the model's bindings.
+#[test]
+fn merged_groups_act_as_requests_in_order() {
+    use lookup::{
+        binding::Selector,
+        churn::{Changes, apply_merged},
+    };
+    if !require_root() {
+        return;
+    }
+    let _ns = NetNs::new(&[]);
+    let fs = BpfFs::new();
+    let mut d = Dispatcher::open_or_create(Path::new("/proc/thread-self/ns/net"), fs.path())
+        .expect("open dispatcher");
+    let prog = SkLookup::from_pin(d.location().dir.join("program")).expect("pinned program");
+    let labels: Vec<Label> = ["a", "b", "c", "nosock"]
+        .iter()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let mut keep = Vec::new();
+    let mut cookies = HashMap::new();
+    for label in &labels[..3] {
+        for family in [Family::Ipv4, Family::Ipv6] {
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                let (fd, cookie) = server(family, protocol);
+                let copy = fd.try_clone().expect("dup");
+                d.register(label, vec![(copy, format!("{label} {family} {protocol}"))])
+                    .expect("register");
+                cookies.insert((label.clone(), family, protocol), cookie);
+                keep.push(fd);
+            }
+        }
+    }
+
+    // The model: bindings by selector, changed one request at a time.
+    type Model = HashMap<Selector, Label>;
+    fn unbind_in(model: &mut Model, b: &Binding) -> Result<(), String> {
+        match model.get(&b.selector()) {
+            None => Err(format!("no binding {}", b.selector())),
+            Some(l) if l != &b.label => Err(format!("belongs to label \"{l}\"")),
+            Some(_) => {
+                model.remove(&b.selector());
+                Ok(())
+            }
+        }
+    }
+    let mut model = Model::new();
+    let (mut accepted, mut refused, mut merged_lines) = (0, 0, 0);
+    for seed in [11u64, 12, 13] {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        for round in 0..30 {
+            // Unbinds mostly of bindings that exist, some with the wrong
+            // label; binds of random selectors, often ones already bound.
+            let pick = |rng: &mut Rng, model: &Model| -> (bool, Binding) {
+                let existing: Vec<_> = model.iter().collect();
+                if !existing.is_empty() && rng.below(2) == 0 {
+                    let (s, l) = existing[rng.below(existing.len())];
+                    let label = if rng.below(5) == 0 {
+                        labels[rng.below(labels.len())].clone()
+                    } else {
+                        l.clone()
+                    };
+                    let b = Binding {
+                        label,
+                        protocol: s.protocol,
+                        prefix: s.prefix,
+                        port: s.port,
+                    };
+                    // Mostly unbinds; the rest rebinds, to the same label or
+                    // another.
+                    (rng.below(3) == 0, b)
+                } else {
+                    (true, random_binding(rng, &labels))
+                }
+            };
+            let mut requests = Vec::new();
+            let mut expected = Vec::new();
+            for _ in 0..1 + rng.below(40) {
+                match rng.below(3) {
+                    0 | 1 => {
+                        let (bind, b) = pick(&mut rng, &model);
+                        if bind {
+                            let was = model.insert(b.selector(), b.label.clone());
+                            expected.push(Ok(match was {
+                                Some(l) if l == b.label => "already bound".to_string(),
+                                Some(_) => "rebound".to_string(),
+                                None => "bound".to_string(),
+                            }));
+                            requests.push(Changes::Bind(b));
+                        } else {
+                            expected.push(unbind_in(&mut model, &b).map(|()| "unbound".to_string()));
+                            requests.push(Changes::Unbind(b));
+                        }
+                    }
+                    _ => {
+                        let mut staged = model.clone();
+                        let mut text = String::new();
+                        let mut outcome = Ok("applied".to_string());
+                        for line in 1..=1 + rng.below(6) {
+                            let (bind, b) = pick(&mut rng, &staged);
+                            text += &format!(
+                                "{} {} {} {} {}\n",
+                                if bind { "bind" } else { "unbind" },
+                                b.label,
+                                b.protocol,
+                                b.prefix,
+                                b.port
+                            );
+                            if bind {
+                                staged.insert(b.selector(), b.label.clone());
+                            } else if let Err(e) = unbind_in(&mut staged, &b) {
+                                if outcome.is_ok() {
+                                    outcome = Err(format!("line {line}: \t{e}"));
+                                }
+                            }
+                        }
+                        if outcome.is_ok() {
+                            // What it did, per binding it touched.
+                            let lines = text.lines().count();
+                            let touched: std::collections::HashSet<Selector> = text
+                                .lines()
+                                .map(|l| {
+                                    let w: Vec<&str> = l.split(' ').collect();
+                                    Binding::parse(w[1], w[2], w[3], w[4]).unwrap().selector()
+                                })
+                                .collect();
+                            let (mut bound, mut moved, mut unbound) = (0, 0, 0);
+                            for s in &touched {
+                                match (model.get(s), staged.get(s)) {
+                                    (None, Some(_)) => bound += 1,
+                                    (Some(a), Some(b)) if a != b => moved += 1,
+                                    (Some(_), None) => unbound += 1,
+                                    _ => {}
+                                }
+                            }
+                            outcome = Ok(format!(
+                                "applied {lines} change{}: {bound} bound, {moved} moved, {unbound} unbound, {} unchanged",
+                                if lines == 1 { "" } else { "s" },
+                                lines - bound - moved - unbound
+                            ));
+                            model = staged;
+                        }
+                        merged_lines += text.lines().count();
+                        expected.push(outcome);
+                        requests.push(Changes::Apply(
+                            lookup::batch::parse(&text).expect("batch parses"),
+                        ));
+                    }
+                }
+            }
+            let got = apply_merged(&mut d, &requests);
+            for (i, (got, want)) in got.iter().zip(&expected).enumerate() {
+                let ok = match (got, want) {
+                    (Ok(g), Ok(w)) => g.starts_with(w.as_str()),
+                    // Every tab-separated part of the expected message.
+                    (Err(g), Err(w)) => w.split('\t').all(|part| g.contains(part)),
+                    _ => false,
+                };
+                assert!(
+                    ok,
+                    "seed {seed} round {round}: request {i} ({:?}) gave {got:?}, expected {want:?}",
+                    requests[i]
+                );
+                if got.is_ok() {
+                    accepted += 1;
+                } else {
+                    refused += 1;
+                }
+            }
+            let mut now: Vec<String> = d.bindings().iter().map(ToString::to_string).collect();
+            let mut want: Vec<String> = model
+                .iter()
+                .map(|(s, l)| {
+                    Binding {
+                        label: l.clone(),
+                        protocol: s.protocol,
+                        prefix: s.prefix,
+                        port: s.port,
+                    }
+                    .to_string()
+                })
+                .collect();
+            now.sort();
+            want.sort();
+            assert_eq!(now, want, "seed {seed} round {round}: bindings after the group");
+            check_lookups(seed, &mut rng, &d, &prog, &cookies, 300);
+        }
+    }
+    assert!(
+        accepted > 500 && refused > 50 && merged_lines > 300,
+        "accepted {accepted}, refused {refused}, batch lines {merged_lines}"
+    );
+    drop(keep);
+}
+
+/// A group whose merged change cannot be applied (here: more labels than
+/// destinations) is undone and applied request by request, so each request
+/// still gets its own outcome and the accepted ones stay.
+#[test]
+fn a_failing_group_falls_back_to_one_by_one() {
+    use lookup::churn::{Changes, apply_merged};
+    if !require_root() {
+        return;
+    }
+    let _ns = NetNs::new(&[]);
+    let fs = BpfFs::new();
+    let mut d = Dispatcher::open_or_create(Path::new("/proc/thread-self/ns/net"), fs.path())
+        .expect("open dispatcher");
+    let limit = lookup_common::MAX_DESTINATIONS as usize;
+    let requests: Vec<Changes> = (0..limit + 5)
+        .map(|i| {
+            Changes::Bind(Binding {
+                label: format!("l{i}").parse().unwrap(),
+                protocol: Protocol::Tcp,
+                prefix: format!("10.1.{}.{}/32", i / 256, i % 256).parse().unwrap(),
+                port: 80,
+            })
+        })
+        .collect();
+    let got = apply_merged(&mut d, &requests);
+    for (i, outcome) in got.iter().enumerate() {
+        if i < limit {
+            assert!(
+                outcome.as_ref().is_ok_and(|m| m.starts_with("bound")),
+                "request {i}: {outcome:?}"
+            );
+        } else {
+            let e = outcome.as_ref().expect_err("past the destination limit");
+            assert!(
+                e.contains(&format!("l{i}")) && e.contains("destinations are in use"),
+                "request {i}: {e}"
+            );
+        }
+    }
+    assert_eq!(d.bindings().len(), limit);
+}
