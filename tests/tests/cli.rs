@@ -389,3 +389,92 @@ fn binds_are_served_while_a_large_batch_drains() {
     let bulk = lookup_tests::agent::expect_destination(&status, "bulk", "ipv4", Proto::Tcp);
     assert_eq!(bulk["bindings"], 200_000, "{bulk}");
 }
+
+/// Many clients at once, as the agent merges their requests: each gets the
+/// answer its own request deserves, in its own order, and the result is
+/// what they asked for together.
+#[test]
+fn concurrent_clients_each_get_their_own_answer() {
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new(&["192.0.2.0/24"]);
+    let web = TcpEcho::new("web", "127.0.0.1:0");
+    lab.ctl_ok(&[
+        "register-pid",
+        &std::process::id().to_string(),
+        "web",
+        "tcp",
+        "127.0.0.1",
+        &web.addr().port().to_string(),
+    ]);
+    let control = lab.control().to_str().expect("utf-8").to_owned();
+    const CLIENTS: u8 = 16;
+    const HOSTS: u8 = 12;
+    std::thread::scope(|scope| {
+        for k in 0..CLIENTS {
+            let control = control.clone();
+            scope.spawn(move || {
+                let ctl = |args: &[String]| {
+                    let mut cmd = Command::new(bins::binary(bins::LOOKUPCTL));
+                    cmd.args(["--control", &control]).args(args);
+                    run_with_timeout(&mut cmd, std::time::Duration::from_secs(60))
+                };
+                let words = |s: String| s.split(' ').map(str::to_owned).collect::<Vec<_>>();
+                let label = format!("t{k}");
+                for j in 0..HOSTS {
+                    let out = ctl(&words(format!("bind {label} tcp 10.{k}.0.{j} 80")));
+                    assert_eq!(
+                        out.stdout.trim(),
+                        format!("bound tcp 10.{k}.0.{j}/32 port 80 -> {label}"),
+                        "client {k}: {}",
+                        out.stderr
+                    );
+                }
+                // The wrong label is refused, naming the right one.
+                let out = ctl(&words(format!("unbind other tcp 10.{k}.0.0 80")));
+                assert!(
+                    !out.status.success() && out.stderr.contains(&format!("label \"{label}\"")),
+                    "client {k}: {} {}",
+                    out.stdout,
+                    out.stderr
+                );
+                for j in (0..HOSTS).step_by(2) {
+                    let out = ctl(&words(format!("unbind {label} tcp 10.{k}.0.{j} 80")));
+                    assert!(
+                        out.status.success() && out.stdout.contains("unbound"),
+                        "client {k}: {}",
+                        out.stderr
+                    );
+                }
+                let out = ctl(&words(format!("bind web tcp 10.{k}.0.1 80")));
+                assert_eq!(
+                    out.stdout.trim(),
+                    format!("rebound tcp 10.{k}.0.1/32 port 80 -> web (was {label})"),
+                    "client {k}: {}",
+                    out.stderr
+                );
+                let out = ctl(&words(format!("bind web tcp 192.0.2.{} 80", k + 1)));
+                assert!(out.status.success(), "client {k}: {}", out.stderr);
+            });
+        }
+    });
+    let mut got: Vec<String> = parse_bindings(&lab.bindings_json())
+        .into_iter()
+        .map(|b| format!("{} {}/{} {}", b.label, b.addr, b.len, b.port))
+        .collect();
+    got.sort();
+    let mut want = Vec::new();
+    for k in 0..CLIENTS {
+        want.push(format!("web 192.0.2.{}/32 80", k + 1));
+        want.push(format!("web 10.{k}.0.1/32 80"));
+        for j in (3..HOSTS).step_by(2) {
+            want.push(format!("t{k} 10.{k}.0.{j}/32 80"));
+        }
+    }
+    want.sort();
+    assert_eq!(got, want);
+    for k in 0..CLIENTS {
+        assert_answers(Proto::Tcp, format!("192.0.2.{}:80", k + 1).as_str(), "web");
+    }
+}
