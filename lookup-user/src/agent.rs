@@ -210,33 +210,121 @@ async fn serve(
         }
         let mut frame = Vec::with_capacity(len);
         read_exact(&stream, &mut frame, len, &mut frame_fds).await?;
-        // Decoding (a batch can be tens of MiB), applying and encoding all run
-        // off the async workers, which stay free to serve other clients.
-        let shared = Arc::clone(&shared);
-        let queue = queue.clone();
-        let frame = tokio::task::spawn_blocking(move || {
-            let parsed = serde_json::from_slice::<Request>(&frame);
-            drop(frame);
-            let response = match parsed {
-                Ok(request) => handle(&shared, &queue, request, frame_fds),
-                Err(e) => Response::Error {
-                    message: format!("malformed request: {e}"),
-                },
-            };
+        let response = respond(frame, frame_fds, &shared, &queue).await;
+        // Answers that can be large (bindings, status) are encoded off the
+        // async workers.
+        let small = small_answer(&response);
+        let encode = move || {
             proto::encode(&response).or_else(|e| {
                 proto::encode(&Response::Error {
                     message: format!("the answer could not be sent: {e}"),
                 })
             })
-        })
-        .await
-        .unwrap_or_else(|e| {
-            error!(error = %e, "request handler panicked");
-            proto::encode(&Response::Error {
-                message: "internal error: the request handler panicked".into(),
-            })
-        })?;
+        };
+        let frame = if small {
+            encode()
+        } else {
+            offload(encode).await.unwrap_or_else(|e| proto::encode(&e))
+        }?;
         stream.write_all(&frame).await?;
+    }
+}
+
+/// Frames and batches up to this size are decoded and parsed on the async
+/// workers; larger ones (a batch can be tens of MiB) on blocking threads,
+/// so the workers stay free to serve other clients.
+const INLINE_BYTES: usize = 64 * 1024;
+
+fn small_answer(response: &Response) -> bool {
+    matches!(response, Response::Done { .. } | Response::Error { .. })
+}
+
+/// Runs `f` on a blocking thread; a panic becomes an error answer.
+async fn offload<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Response> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        error!(error = %e, "request handler panicked");
+        Response::Error {
+            message: "internal error: the request handler panicked".into(),
+        }
+    })
+}
+
+/// Decodes and answers one request. Changes to bindings go to the writer's
+/// queue, without holding a thread while they wait; everything else that
+/// needs the state runs on a blocking thread.
+async fn respond(
+    frame: Vec<u8>,
+    fds: Vec<OwnedFd>,
+    shared: &Shared,
+    queue: &churn::Queue,
+) -> Response {
+    let inline = frame.len() <= INLINE_BYTES;
+    let decode = move || serde_json::from_slice::<Request>(&frame);
+    let decoded = if inline {
+        decode()
+    } else {
+        match offload(decode).await {
+            Ok(decoded) => decoded,
+            Err(answer) => return answer,
+        }
+    };
+    let request = match decoded {
+        Ok(request) => request,
+        Err(e) => {
+            return Response::Error {
+                message: format!("malformed request: {e}"),
+            };
+        }
+    };
+    match request {
+        Request::Bind { binding } => queue.submit(churn::Changes::Bind(binding)).await,
+        Request::Unbind { binding } => queue.submit(churn::Changes::Unbind(binding)).await,
+        Request::Apply { lines } => {
+            let prepared = if lines.len() <= INLINE_BYTES {
+                prepare_batch(lines)
+            } else {
+                match offload(move || prepare_batch(lines)).await {
+                    Ok(prepared) => prepared,
+                    Err(answer) => return answer,
+                }
+            };
+            match prepared {
+                Ok(changes) => queue.submit(changes).await,
+                Err(answer) => answer,
+            }
+        }
+        other => {
+            let shared = Arc::clone(shared);
+            offload(move || handle(&shared, other, fds))
+                .await
+                .unwrap_or_else(|answer| answer)
+        }
+    }
+}
+
+/// Parses a batch, and sorts it if it is large (see [`churn::is_large`]).
+fn prepare_batch(lines: String) -> Result<churn::Changes, Response> {
+    let started = std::time::Instant::now();
+    let parsed = crate::batch::parse(&lines);
+    drop(lines);
+    match parsed {
+        Ok(mut batch) => {
+            if churn::is_large(batch.changes.len()) {
+                batch.sort();
+                info!(
+                    changes = batch.changes.len(),
+                    parse_ms = started.elapsed().as_millis() as u64,
+                    "batch parsed"
+                );
+            }
+            Ok(churn::Changes::Apply(batch))
+        }
+        Err(e) => {
+            warn!(error = %e, "batch refused");
+            Err(Response::Error {
+                message: e.to_string(),
+            })
+        }
     }
 }
 
@@ -260,13 +348,9 @@ async fn read_exact(
     Ok(())
 }
 
-/// Applies one request. Every refusal leaves the state as it was.
-pub fn handle(
-    shared: &Mutex<Dispatcher>,
-    queue: &churn::Queue,
-    request: Request,
-    fds: Vec<OwnedFd>,
-) -> Response {
+/// Answers a request that is not a change to bindings (those go through
+/// [`churn`]). Every refusal leaves the state as it was. Blocks on the lock.
+pub fn handle(shared: &Mutex<Dispatcher>, request: Request, fds: Vec<OwnedFd>) -> Response {
     let fail = |e: dispatcher::Error| {
         warn!(error = %error_chain(&e), "request refused");
         Response::Error {
@@ -280,35 +364,9 @@ pub fn handle(
         Response::Done { messages }
     };
     match request {
-        // Changes to bindings go through the writer's queue.
-        Request::Bind { binding } => queue.submit_blocking(churn::Changes::Bind(binding)),
-        Request::Unbind { binding } => queue.submit_blocking(churn::Changes::Unbind(binding)),
-        Request::Apply { lines } => {
-            // Parsed, and if large sorted, here: the writer spends its time
-            // on the state only.
-            let started = std::time::Instant::now();
-            let parsed = crate::batch::parse(&lines);
-            drop(lines);
-            match parsed {
-                Ok(mut batch) => {
-                    if churn::is_large(batch.changes.len()) {
-                        batch.sort();
-                        info!(
-                            changes = batch.changes.len(),
-                            parse_ms = started.elapsed().as_millis() as u64,
-                            "batch parsed"
-                        );
-                    }
-                    queue.submit_blocking(churn::Changes::Apply(batch))
-                }
-                Err(e) => {
-                    warn!(error = %e, "batch refused");
-                    Response::Error {
-                        message: e.to_string(),
-                    }
-                }
-            }
-        }
+        Request::Bind { .. } | Request::Unbind { .. } | Request::Apply { .. } => Response::Error {
+            message: "internal error: a change to bindings bypassed the writer".into(),
+        },
         Request::Bindings => Response::Bindings {
             bindings: shared.blocking_lock().bindings(),
         },

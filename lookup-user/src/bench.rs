@@ -651,17 +651,126 @@ pub fn apply_through_agent(scratch: &Path, bpffs: &Path, count: usize) -> Result
     })
 }
 
+/// Concurrent clients sending single requests, merged by the agent and
+/// applied one by one.
+pub struct ClientsResult {
+    /// Client threads.
+    pub clients: usize,
+    /// Requests per second, median and latency (ms) at p50 and p99: with
+    /// the agent merging concurrent requests.
+    pub merged: (f64, f64, f64),
+    /// The same with `lookupd --no-merge`.
+    pub one_by_one: (f64, f64, f64),
+}
+
+/// `clients` threads each send single `bind`s (the mix of [`filler`], one
+/// label per client) as fast as they are answered, for `seconds`, against
+/// `lookupd` merging requests and against `lookupd --no-merge`, alternately
+/// twice on the same pinned state; medians of the two runs of each.
+pub fn concurrent_clients(
+    scratch: &Path,
+    bpffs: &Path,
+    clients: usize,
+    seconds: f64,
+) -> Result<ClientsResult> {
+    unshare_net()?;
+    let bin = std::env::current_exe()?
+        .parent()
+        .context("exe dir")?
+        .to_owned();
+    let control = scratch.join("clients.sock");
+    let run = |args: &[&str], round: u64| -> Result<(f64, Vec<f64>)> {
+        let _agent = Agent::start_with(&bin, bpffs, &control, args)?;
+        let started = Instant::now();
+        let threads: Vec<_> = (0..clients)
+            .map(|t| {
+                let control = control.clone();
+                std::thread::spawn(move || -> Result<Vec<f64>> {
+                    let client = crate::cli::Client::new(control, false);
+                    let mut rng = Rng((round << 32 | t as u64) * 0x9e37_79b9 + 1);
+                    let label: Label = format!("c{t}").parse()?;
+                    let mut latencies = Vec::new();
+                    while started.elapsed().as_secs_f64() < seconds {
+                        let mut binding = filler(&mut rng);
+                        binding.label = label.clone();
+                        let sent = Instant::now();
+                        client
+                            .call(&crate::proto::Request::Bind { binding }, &[])
+                            .map_err(anyhow::Error::msg)?;
+                        latencies.push(sent.elapsed().as_secs_f64() * 1e3);
+                    }
+                    Ok(latencies)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in threads {
+            all.extend(t.join().map_err(|_| anyhow::anyhow!("client panicked"))??);
+        }
+        Ok((all.len() as f64 / started.elapsed().as_secs_f64(), all))
+    };
+    let summary = |runs: Vec<(f64, Vec<f64>)>| {
+        let rate = median(runs.iter().map(|r| r.0).collect());
+        let mut all: Vec<f64> = runs.into_iter().flat_map(|r| r.1).collect();
+        all.sort_by(f64::total_cmp);
+        let at = |q: f64| all[((all.len() as f64 - 1.0) * q).round() as usize];
+        (rate, at(0.5), at(0.99))
+    };
+    let (mut merged, mut one_by_one) = (Vec::new(), Vec::new());
+    for round in 0..2 {
+        merged.push(run(&[], round * 2)?);
+        one_by_one.push(run(&["--no-merge"], round * 2 + 1)?);
+    }
+    Ok(ClientsResult {
+        clients,
+        merged: summary(merged),
+        one_by_one: summary(one_by_one),
+    })
+}
+
+/// The concurrent-clients figures as a report.
+pub fn clients_report(r: &ClientsResult) -> String {
+    let (m, o) = (r.merged, r.one_by_one);
+    format!(
+        "Concurrent single binds: {} clients, each sending one `bind` at a time (7/8 host \
+         bindings, 1/8 wider), through lookupd merging concurrent requests and through \
+         `lookupd --no-merge`, alternately\n\n\
+         | figure | merged | one by one | merged / one by one |\n\
+         |---|---:|---:|---:|\n\
+         | binds per second | {:.0} | {:.0} | {:.2}x |\n\
+         | latency p50 (ms) | {:.2} | {:.2} | {:.2}x |\n\
+         | latency p99 (ms) | {:.2} | {:.2} | {:.2}x |\n",
+        r.clients,
+        m.0,
+        o.0,
+        m.0 / o.0,
+        m.1,
+        o.1,
+        m.1 / o.1,
+        m.2,
+        o.2,
+        m.2 / o.2,
+    )
+}
+
 /// A `lookupd` started for a benchmark, killed when dropped.
 struct Agent(std::process::Child);
 
 impl Agent {
     /// Starts the `lookupd` in `bin` and waits until it answers on `control`.
     fn start(bin: &Path, bpffs: &Path, control: &Path) -> Result<Self> {
+        Self::start_with(bin, bpffs, control, &[])
+    }
+
+    /// [`Agent::start`], with more arguments for `lookupd`.
+    fn start_with(bin: &Path, bpffs: &Path, control: &Path, args: &[&str]) -> Result<Self> {
+        let _ = std::fs::remove_file(control);
         let child = std::process::Command::new(bin.join("lookupd"))
             .arg("--bpffs")
             .arg(bpffs)
             .arg("--control")
             .arg(control)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

@@ -80,14 +80,14 @@ struct Job {
 pub struct Queue(mpsc::Sender<Job>);
 
 impl Queue {
-    /// Queues `changes` and waits for the outcome. Blocks: call it off the
-    /// async workers.
-    pub fn submit_blocking(&self, changes: Changes) -> Response {
+    /// Queues `changes` (waiting while the queue is full) and waits for the
+    /// outcome.
+    pub async fn submit(&self, changes: Changes) -> Response {
         let (reply, outcome) = oneshot::channel();
-        if self.0.blocking_send(Job { changes, reply }).is_err() {
+        if self.0.send(Job { changes, reply }).await.is_err() {
             return stopped();
         }
-        outcome.blocking_recv().unwrap_or_else(|_| stopped())
+        outcome.await.unwrap_or_else(|_| stopped())
     }
 }
 
@@ -260,7 +260,10 @@ pub fn apply_merged(d: &mut Dispatcher, requests: &[Changes]) -> Vec<Result<Stri
     let outcomes = match d.ensure_pinned() {
         Err(e) => {
             let message = error_chain(&e);
-            requests.iter().map(|_| Err(Refusal(message.clone()))).collect()
+            requests
+                .iter()
+                .map(|_| Err(Refusal(message.clone())))
+                .collect()
         }
         Ok(()) => {
             let mut sim = Simulation::new(d);

@@ -430,7 +430,8 @@ fn merged_groups_act_as_requests_in_order() {
                             }));
                             requests.push(Changes::Bind(b));
                         } else {
-                            expected.push(unbind_in(&mut model, &b).map(|()| "unbound".to_string()));
+                            expected
+                                .push(unbind_in(&mut model, &b).map(|()| "unbound".to_string()));
                             requests.push(Changes::Unbind(b));
                         }
                     }
@@ -450,10 +451,10 @@ fn merged_groups_act_as_requests_in_order() {
                             );
                             if bind {
                                 staged.insert(b.selector(), b.label.clone());
-                            } else if let Err(e) = unbind_in(&mut staged, &b) {
-                                if outcome.is_ok() {
-                                    outcome = Err(format!("line {line}: \t{e}"));
-                                }
+                            } else if let Err(e) = unbind_in(&mut staged, &b)
+                                && outcome.is_ok()
+                            {
+                                outcome = Err(format!("line {line}: \t{e}"));
                             }
                         }
                         if outcome.is_ok() {
@@ -524,7 +525,10 @@ fn merged_groups_act_as_requests_in_order() {
                 .collect();
             now.sort();
             want.sort();
-            assert_eq!(now, want, "seed {seed} round {round}: bindings after the group");
+            assert_eq!(
+                now, want,
+                "seed {seed} round {round}: bindings after the group"
+            );
             check_lookups(seed, &mut rng, &d, &prog, &cookies, 300);
         }
     }

@@ -29,6 +29,13 @@ struct Args {
     /// while single binds are timed (0 skips that part).
     #[arg(long, default_value_t = 1_000_000)]
     apply: usize,
+    /// Client threads sending single binds at once, to a merging agent and
+    /// to one that applies requests one by one (0 skips that part).
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// Seconds of each concurrent-clients run (four runs).
+    #[arg(long, default_value_t = 2.0)]
+    clients_seconds: f64,
     /// Bindings the dispatcher holds during the live-traffic part (0 skips
     /// that part).
     #[arg(long, default_value_t = 1_000_000)]
@@ -112,6 +119,18 @@ fn main() -> ExitCode {
             println!("{}", bench::apply_report(&r));
             let _ = std::fs::remove_file(scratch.path().join("bindings.txt"));
             let _ = std::fs::remove_file(scratch.path().join("lookupd.sock"));
+        }
+        if args.clients > 0 {
+            let bpffs = bpffs()?;
+            let scratch = tempdir::Dir::new()?;
+            let r = bench::concurrent_clients(
+                scratch.path(),
+                bpffs.path(),
+                args.clients,
+                args.clients_seconds,
+            )?;
+            println!("{}", bench::clients_report(&r));
+            let _ = std::fs::remove_file(scratch.path().join("clients.sock"));
         }
         if args.traffic > 0 {
             let bpffs = bpffs()?;
