@@ -773,7 +773,13 @@ impl Agent {
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(
+                std::fs::File::options()
+                    .append(true)
+                    .create(true)
+                    .open("/tmp/probe/agent.log")
+                    .unwrap(),
+            )
             .spawn()
             .context("starting lookupd")?;
         let agent = Self(child);

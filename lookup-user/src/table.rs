@@ -90,6 +90,70 @@ fn from_bits(space: SpaceId, addr: Bits, port: u16) -> BindingKey {
     }
 }
 
+/// The last address under (addr, len).
+fn last_under(addr: Bits, len: u8) -> Bits {
+    addr | if len == 0 {
+        u128::MAX
+    } else {
+        !(u128::MAX << (128 - u32::from(len)))
+    }
+}
+
+type Nodes = BTreeMap<(Bits, u8), Node>;
+
+/// The longest proper ancestor of (addr, len) among `nodes`.
+fn find_parent(nodes: &Nodes, addr: Bits, len: u8) -> Option<(Bits, u8)> {
+    (0..len)
+        .rev()
+        .map(|l| (mask(addr, l), l))
+        .find(|k| nodes.contains_key(k))
+}
+
+/// Inserts a node, which becomes the parent of the nodes below it whose
+/// parent was above it.
+fn insert_node(nodes: &mut Nodes, addr: Bits, len: u8, mut node: Node) {
+    node.parent = find_parent(nodes, addr, len);
+    for (&(a, l), below) in nodes.range_mut((addr, len)..=(last_under(addr, len), u8::MAX)) {
+        if l > len && mask(a, len) == addr && below.parent.is_none_or(|(_, pl)| pl < len) {
+            below.parent = Some((addr, len));
+        }
+    }
+    nodes.insert((addr, len), node);
+}
+
+/// Removes a node; the nodes whose parent it was get its parent.
+fn remove_node(nodes: &mut Nodes, addr: Bits, len: u8) -> Option<Node> {
+    let node = nodes.remove(&(addr, len))?;
+    for (_, below) in nodes.range_mut((addr, len)..=(last_under(addr, len), u8::MAX)) {
+        if below.parent == Some((addr, len)) {
+            below.parent = node.parent;
+        }
+    }
+    Some(node)
+}
+
+/// The table of a prefix with `bindings`, from the table of its parent:
+/// its own port 0 binding, or the parent's default; its own specific
+/// ports, and unless it has a port 0 binding (which beats every ancestor's)
+/// the parent's specific ports too.
+fn derive(bindings: &BTreeMap<u16, u32>, parent: Option<&Installed>) -> Installed {
+    let own_default = bindings.get(&0).copied();
+    let mut ports = match (own_default, parent) {
+        (None, Some(p)) => p.ports.clone(),
+        _ => HashMap::new(),
+    };
+    ports.extend(
+        bindings
+            .iter()
+            .filter(|&(&p, _)| p != 0)
+            .map(|(&p, &d)| (p, d)),
+    );
+    Installed {
+        default: own_default.unwrap_or(parent.map_or(NO_DESTINATION, |p| p.default)),
+        ports,
+    }
+}
+
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Installed {
     default: u32,
@@ -105,11 +169,16 @@ struct Node {
     installed: Installed,
     /// Whether the trie holds this node yet.
     in_trie: bool,
+    /// The longest proper ancestor that is a node, kept up to date as nodes
+    /// come and go, so a table is computed from its few real ancestors
+    /// rather than from a probe at every shorter length.
+    parent: Option<(Bits, u8)>,
 }
 
 impl Node {
     fn new(table: u32) -> Self {
         Self {
+            parent: None,
             bindings: BTreeMap::new(),
             table,
             installed: Installed {
@@ -185,10 +254,8 @@ impl Tables {
                     .is_some_and(|n| n.contains_key(&(addr, len)));
                 if !exists {
                     let table = self.alloc_table();
-                    self.spaces
-                        .entry(space)
-                        .or_default()
-                        .insert((addr, len), Node::new(table));
+                    let nodes = self.spaces.entry(space).or_default();
+                    insert_node(nodes, addr, len, Node::new(table));
                 }
                 let node = self.node_mut(space, addr, len);
                 let previous = node.bindings.insert(port, dest);
@@ -227,7 +294,7 @@ impl Tables {
                 if node.bindings.is_empty() {
                     // Unhook the node first: its lookups fall to its parent,
                     // whose table this binding never touched.
-                    let node = nodes.remove(&(addr, len)).expect("present");
+                    let node = remove_node(nodes, addr, len).expect("present");
                     ops.push(Op::TrieDel {
                         key: from_bits(space, addr, 0),
                         len,
@@ -264,28 +331,42 @@ impl Tables {
                 continue;
             };
             // Every node at or under a changed prefix, found by range scans
-            // (cost follows what changed, not the size of the trie).
-            let mut dirty = Vec::new();
-            let mut doomed = Vec::new();
-            let mut seen = std::collections::HashSet::new();
-            for &(addr, len) in &prefixes {
-                let last = addr
-                    | if len == 0 {
-                        u128::MAX
-                    } else {
-                        !(u128::MAX << (128 - u32::from(len)))
-                    };
-                for (&(a, l), node) in nodes.range((addr, len)..=(last, u8::MAX)) {
-                    if l < len || mask(a, len) != addr || !seen.insert((a, l)) {
-                        continue;
-                    }
-                    if node.bindings.is_empty() {
-                        doomed.push((a, l));
-                    } else {
-                        dirty.push((a, l));
+            // (cost follows what changed, not the size of the trie). In
+            // address order an ancestor comes before what it covers, so a
+            // prefix inside one already scanned is skipped: each node is
+            // visited once however many of its ancestors changed.
+            let mut prefixes: Vec<(Bits, u8)> = prefixes.into_iter().collect();
+            prefixes.sort_unstable();
+            let mut scanned = Vec::new();
+            let mut covered: Option<Bits> = None;
+            for (addr, len) in prefixes {
+                if covered.is_some_and(|end| addr <= end) {
+                    continue;
+                }
+                let last = last_under(addr, len);
+                covered = Some(last);
+                for (&(a, l), _) in nodes.range((addr, len)..=(last, u8::MAX)) {
+                    if l >= len && mask(a, len) == addr {
+                        scanned.push((a, l));
                     }
                 }
             }
+            // The new tables, each from its parent's: in address order a
+            // parent comes before its children, and a parent not scanned is
+            // unchanged, so what it has installed is what it should have.
+            let mut wants: HashMap<(Bits, u8), Installed> = HashMap::with_capacity(scanned.len());
+            for &key in &scanned {
+                let node = &nodes[&key];
+                let parent = node
+                    .parent
+                    .map(|p| wants.get(&p).unwrap_or_else(|| &nodes[&p].installed));
+                let want = derive(&node.bindings, parent);
+                wants.insert(key, want);
+            }
+            let (dirty, mut doomed): (Vec<_>, Vec<_>) = scanned
+                .into_iter()
+                .partition(|key| !nodes[key].bindings.is_empty());
+            let mut dirty = dirty;
             // New prefixes first, longest first: a lookup under a new prefix
             // must never land on a new ancestor, or on an updated existing
             // one, before the new prefix that answers it is in place. Then
@@ -298,12 +379,13 @@ impl Tables {
             });
             doomed.sort_by_key(|&(_, len)| len);
             for (addr, len) in dirty {
-                self.reconcile_prefix(space, addr, len, ops);
+                let want = wants.remove(&(addr, len)).expect("computed above");
+                self.install(space, addr, len, want, ops);
             }
             let nodes = self.spaces.get_mut(&space).expect("space exists");
             let mut freed = Vec::new();
             for &(addr, len) in &doomed {
-                let node = nodes.remove(&(addr, len)).expect("doomed node");
+                let node = remove_node(nodes, addr, len).expect("doomed node");
                 if node.in_trie {
                     ops.push(Op::TrieDel {
                         key: from_bits(space, addr, 0),
@@ -359,12 +441,15 @@ impl Tables {
     }
 
     /// What the table of (addr, len) should hold.
-    fn desired(nodes: &BTreeMap<(Bits, u8), Node>, addr: Bits, len: u8) -> Installed {
+    fn desired(nodes: &Nodes, addr: Bits, len: u8) -> Installed {
         // The prefix and its ancestors that carry bindings, longest first.
-        let chain: Vec<&BTreeMap<u16, u32>> = (0..=len)
-            .rev()
-            .filter_map(|l| nodes.get(&(mask(addr, l), l)).map(|n| &n.bindings))
-            .collect();
+        let mut chain: Vec<&BTreeMap<u16, u32>> = Vec::new();
+        let mut next = Some((addr, len));
+        while let Some(key) = next {
+            let node = &nodes[&key];
+            chain.push(&node.bindings);
+            next = node.parent;
+        }
         let default = chain
             .iter()
             .find_map(|b| b.get(&0).copied())
@@ -399,8 +484,15 @@ impl Tables {
     /// entry is only removed once the default it falls back to is the new
     /// one, and a new node becomes visible only with its table complete.
     fn reconcile_prefix(&mut self, space: SpaceId, addr: Bits, len: u8, ops: &mut Vec<Op>) {
-        let nodes = self.spaces.get_mut(&space).expect("space exists");
+        let nodes = self.spaces.get(&space).expect("space exists");
         let want = Self::desired(nodes, addr, len);
+        self.install(space, addr, len, want, ops);
+    }
+
+    /// Writes the table `want` for one prefix (see
+    /// [`Tables::reconcile_prefix`]).
+    fn install(&mut self, space: SpaceId, addr: Bits, len: u8, want: Installed, ops: &mut Vec<Op>) {
+        let nodes = self.spaces.get_mut(&space).expect("space exists");
         let node = nodes.get_mut(&(addr, len)).expect("node exists");
         let fresh = !node.in_trie;
         let table = node.table;
@@ -463,6 +555,13 @@ impl Tables {
                 .is_none()
             {
                 t.bindings += 1;
+            }
+        }
+        for nodes in t.spaces.values_mut() {
+            let keys: Vec<(Bits, u8)> = nodes.keys().copied().collect();
+            for (addr, len) in keys {
+                let parent = find_parent(nodes, addr, len);
+                nodes.get_mut(&(addr, len)).expect("listed").parent = parent;
             }
         }
         let mut used: BTreeSet<u32> = by_table.keys().copied().collect();
@@ -539,6 +638,21 @@ impl Tables {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Tables {
+        /// Every node's parent is its longest proper ancestor among nodes.
+        fn assert_parents(&self) {
+            for nodes in self.spaces.values() {
+                for (&(addr, len), node) in nodes {
+                    assert_eq!(
+                        node.parent,
+                        find_parent(nodes, addr, len),
+                        "parent of {addr:x}/{len}"
+                    );
+                }
+            }
+        }
+    }
     use lookup_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 
     /// The maps as the program sees them, changed one op at a time.
@@ -676,6 +790,7 @@ mod tests {
                     );
                 }
                 t.finish_batch(&mut ops);
+                t.assert_parents();
                 let probes: Vec<(u8, Bits, u16)> = (0..60)
                     .map(|_| {
                         let family = if rng.below(3) == 0 {
@@ -740,6 +855,7 @@ mod tests {
                 };
                 let mut ops = Vec::new();
                 t.set(&key, len, dest, &mut ops);
+                t.assert_parents();
                 // Probe lookups under the changed prefix and around it.
                 let probes: Vec<(Bits, u16)> = (0..12)
                     .map(|_| {
@@ -794,6 +910,7 @@ mod tests {
                 "seed {seed}: a consistent state needs no repair"
             );
             assert_eq!(restored.len(), flat.len());
+            restored.assert_parents();
 
             // ...and repairs a derived state that lost entries.
             let half: Vec<_> = ports.iter().copied().step_by(2).collect();
