@@ -1,7 +1,9 @@
 //! Batches of binding changes: the text format `lookupctl apply` reads and
 //! sends, and its compact parsed form.
 
-use crate::binding::{Binding, Label, ParseError, Selector};
+use std::collections::HashMap;
+
+use crate::binding::{Label, ParseError, Selector, parse_port};
 
 /// One parsed change: `Some(label index)` binds, `None` unbinds the
 /// selector from `expect`.
@@ -51,46 +53,140 @@ pub struct LineError {
     pub message: String,
 }
 
-fn parse_line(words: &[&str]) -> Result<(bool, Binding), String> {
-    let usage = "expected `bind|unbind <label> <tcp|udp> <prefix> <port>`";
-    let bind = match words.first() {
-        Some(&"bind") => true,
-        Some(&"unbind") => false,
-        Some(other) => return Err(format!("unknown command {other:?}: {usage}")),
-        None => return Err(usage.into()),
+const USAGE: &str = "expected `bind|unbind <label> <tcp|udp> <prefix> <port>`";
+
+/// One line's words: bind or not, then label, protocol, prefix, port.
+fn split_line(line: &str) -> Result<(bool, [&str; 4]), String> {
+    let mut words = line.split_ascii_whitespace();
+    let bind = match words.next() {
+        Some("bind") => true,
+        Some("unbind") => false,
+        Some(other) => return Err(format!("unknown command {other:?}: {USAGE}")),
+        None => return Err(USAGE.into()),
     };
-    let [_, label, protocol, prefix, port] = words else {
-        return Err(format!("{} words: {usage}", words.len()));
-    };
-    let b = Binding::parse(label, protocol, prefix, port).map_err(|e: ParseError| e.to_string())?;
-    Ok((bind, b))
+    let mut rest = [""; 4];
+    let mut n = 1;
+    for w in words {
+        if n <= 4 {
+            rest[n - 1] = w;
+        }
+        n += 1;
+    }
+    if n != 5 {
+        return Err(format!("{n} words: {USAGE}"));
+    }
+    Ok((bind, rest))
 }
 
-/// Parses a whole batch; the first bad line is the error.
-pub fn parse(text: &str) -> Result<Batch, LineError> {
-    let mut batch = Batch::default();
-    let mut index = std::collections::HashMap::<String, u32>::new();
+/// A part of a batch, parsed on its own: labels interned locally.
+struct Part {
+    labels: Vec<Label>,
+    changes: Vec<Change>,
+}
+
+/// Parses the lines of `text`, numbering them from `first_line`.
+fn parse_part(text: &str, first_line: usize) -> Result<Part, LineError> {
+    let mut part = Part {
+        labels: Vec::new(),
+        changes: Vec::with_capacity(text.len() / 32),
+    };
+    // Labels by name, borrowed from the text: no allocation per line.
+    let mut names: HashMap<&str, u32> = HashMap::new();
     for (n, raw) in text.lines().enumerate() {
+        let number = first_line + n;
         let line = raw.split('#').next().unwrap_or("").trim();
         if line.is_empty() {
             continue;
         }
-        let words: Vec<&str> = line.split_ascii_whitespace().collect();
-        let (bind, b) = parse_line(&words).map_err(|message| LineError {
-            line: n + 1,
+        let fail = |message: String| LineError {
+            line: number,
             message,
-        })?;
-        let next = batch.labels.len() as u32;
-        let label = *index.entry(b.label.as_str().to_owned()).or_insert_with(|| {
-            batch.labels.push(b.label.clone());
-            next
-        });
-        batch.changes.push(Change {
-            selector: b.selector(),
+        };
+        let (bind, [label, protocol, prefix, port]) = split_line(line).map_err(fail)?;
+        let label = match names.get(label) {
+            Some(&i) => i,
+            None => {
+                part.labels
+                    .push(label.parse().map_err(|e: ParseError| fail(e.to_string()))?);
+                let i = (part.labels.len() - 1) as u32;
+                names.insert(label, i);
+                i
+            }
+        };
+        let selector = Selector {
+            protocol: protocol
+                .parse()
+                .map_err(|e: ParseError| fail(e.to_string()))?,
+            prefix: prefix
+                .parse()
+                .map_err(|e: ParseError| fail(e.to_string()))?,
+            port: parse_port(port).map_err(|e| fail(e.to_string()))?,
+        };
+        part.changes.push(Change {
+            selector,
             label,
             bind,
-            line: (n + 1) as u32,
+            line: number as u32,
         });
+    }
+    Ok(part)
+}
+
+/// Parses a whole batch; the first bad line is the error. A large batch is
+/// parsed in two halves at once.
+pub fn parse(text: &str) -> Result<Batch, LineError> {
+    const SPLIT_FROM: usize = 1 << 20;
+    let parts = if text.len() < SPLIT_FROM {
+        vec![parse_part(text, 1)?]
+    } else {
+        // Split at a line boundary near the middle.
+        let middle = text.len() / 2;
+        let cut = text[middle..]
+            .find('\n')
+            .map_or(text.len(), |i| middle + i + 1);
+        let (head, tail) = text.split_at(cut);
+        let tail_first = 1 + head.matches('\n').count();
+        let (head, tail) = std::thread::scope(|scope| {
+            let tail = scope.spawn(|| parse_part(tail, tail_first));
+            (
+                parse_part(head, 1),
+                tail.join().expect("parser thread panicked"),
+            )
+        });
+        // The earlier bad line is the one reported.
+        vec![head?, tail?]
+    };
+    // The first part's changes and labels become the batch's; the others'
+    // are appended with their labels re-interned.
+    let mut parts = parts.into_iter();
+    let first = parts.next().expect("at least one part");
+    let mut batch = Batch {
+        labels: first.labels,
+        changes: first.changes,
+        sorted: false,
+    };
+    let mut index: HashMap<Label, u32> = (0..)
+        .zip(&batch.labels)
+        .map(|(i, l)| (l.clone(), i))
+        .collect();
+    for part in parts {
+        let map: Vec<u32> = part
+            .labels
+            .into_iter()
+            .map(|l| {
+                *index.entry(l.clone()).or_insert_with(|| {
+                    batch.labels.push(l);
+                    (batch.labels.len() - 1) as u32
+                })
+            })
+            .collect();
+        batch.changes.reserve(part.changes.len());
+        batch
+            .changes
+            .extend(part.changes.into_iter().map(|c| Change {
+                label: map[c.label as usize],
+                ..c
+            }));
     }
     Ok(batch)
 }
@@ -114,5 +210,45 @@ mod tests {
         assert!(e.contains("\"bnid\""), "{e}");
         let e = parse("bind web tcp 10.0.0.0/8").unwrap_err().to_string();
         assert!(e.contains("4 words"), "{e}");
+    }
+
+    /// A batch large enough to be parsed in two halves reads as one: line
+    /// numbers run on, labels are shared, and the first bad line is named.
+    #[test]
+    fn large_batches_parse_in_halves_as_one() {
+        let mut text = String::new();
+        let lines = 60_000u32;
+        for i in 0..lines {
+            let label = ["web", "api", "dns"][(i % 3) as usize];
+            text.push_str(&format!(
+                "bind {label} tcp 10.{}.{}.{} 80\n",
+                i >> 16,
+                (i >> 8) & 255,
+                i & 255
+            ));
+        }
+        assert!(text.len() > 1 << 20, "the test must cross the split size");
+        let b = parse(&text).unwrap();
+        assert_eq!(b.changes.len(), lines as usize);
+        assert_eq!(b.labels.len(), 3);
+        for (i, c) in b.changes.iter().enumerate() {
+            assert_eq!(c.line as usize, i + 1);
+            assert_eq!(
+                b.labels[c.label as usize].as_str(),
+                ["web", "api", "dns"][i % 3]
+            );
+        }
+        // Bad lines in both halves: the earlier one is reported.
+        let mut bad: Vec<&str> = text.lines().collect();
+        bad[lines as usize - 10] = "bind web tcp 10.0.0.300 80";
+        bad[lines as usize / 2 + 5] = "bind web tcp 10.0.0.1/8 80";
+        let e = parse(&bad.join("\n")).unwrap_err();
+        assert_eq!(e.line, lines as usize / 2 + 6, "{e}");
+        bad[lines as usize / 2 + 5] = "bind web tcp 10.0.0.0/8 80";
+        let e = parse(&bad.join("\n")).unwrap_err();
+        assert_eq!(e.line, lines as usize - 9, "{e}");
+        bad[3] = "bnid web tcp 10.0.0.1 80";
+        let e = parse(&bad.join("\n")).unwrap_err();
+        assert_eq!(e.line, 4, "{e}");
     }
 }

@@ -444,6 +444,49 @@ pub struct ApplyResult {
     pub reference_seconds: f64,
     /// Single `bind` round trips, idle and during a large batch.
     pub latency: BindLatency,
+    /// The agent's own account of each batch, from its log.
+    pub batches: Vec<BatchTimings>,
+}
+
+/// How the agent spent a batch, in milliseconds, as it logs it.
+#[derive(Debug, Default)]
+pub struct BatchTimings {
+    /// Parsing and sorting, before the writer.
+    pub parse_ms: u64,
+    /// Checking every change against the bindings.
+    pub check_ms: u64,
+    /// Steps the changes were written in.
+    pub steps: u64,
+    /// The longest step: what a small request waited at most.
+    pub longest_step_ms: u64,
+    /// In the writer, from start to done.
+    pub total_ms: u64,
+}
+
+/// The `batch parsed` and `batch done` lines of an agent log, paired.
+fn batch_timings(log: &str) -> Vec<BatchTimings> {
+    let field = |line: &str, key: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut out = Vec::new();
+    let mut parse_ms = 0;
+    for line in log.lines() {
+        if line.contains("batch parsed") {
+            parse_ms = field(line, "parse_ms");
+        } else if line.contains("batch done") {
+            out.push(BatchTimings {
+                parse_ms,
+                check_ms: field(line, "check_ms"),
+                steps: field(line, "steps"),
+                longest_step_ms: field(line, "longest_step_ms"),
+                total_ms: field(line, "total_ms"),
+            });
+        }
+    }
+    out
 }
 
 /// Round-trip times of single binds, milliseconds.
@@ -454,6 +497,8 @@ pub struct BindLatency {
     pub idle_max_ms: f64,
     /// Median while a batch moving every binding drains.
     pub busy_p50_ms: f64,
+    /// 90th percentile while it drains.
+    pub busy_p90_ms: f64,
     /// Worst while that batch drains.
     pub busy_max_ms: f64,
     /// Binds measured while it drained.
@@ -600,6 +645,7 @@ pub fn apply_through_agent(scratch: &Path, bpffs: &Path, count: usize) -> Result
         idle_p50_ms: pct(idle.clone(), 0.5),
         idle_max_ms: pct(idle, 1.0),
         busy_p50_ms: pct(busy.clone(), 0.5),
+        busy_p90_ms: pct(busy.clone(), 0.9),
         busy_max_ms: pct(busy.clone(), 1.0),
         busy_samples: busy.len(),
         batch_seconds,
@@ -618,6 +664,8 @@ pub fn apply_through_agent(scratch: &Path, bpffs: &Path, count: usize) -> Result
         }
     }
     drop(guard);
+    let batches =
+        batch_timings(&std::fs::read_to_string(control.with_extension("log")).unwrap_or_default());
 
     // The baseline: the same bindings, one syscall each, into the
     // reference program's trie.
@@ -648,6 +696,7 @@ pub fn apply_through_agent(scratch: &Path, bpffs: &Path, count: usize) -> Result
         map_bytes,
         reference_seconds,
         latency,
+        batches,
     })
 }
 
@@ -773,12 +822,14 @@ impl Agent {
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(std::process::Stdio::null())
+            // Its log goes next to the control socket: the bench reads the
+            // agent's own timings of a batch from it.
             .stderr(
                 std::fs::File::options()
                     .append(true)
                     .create(true)
-                    .open("/tmp/probe/agent.log")
-                    .unwrap(),
+                    .open(control.with_extension("log"))
+                    .context("agent log")?,
             )
             .spawn()
             .context("starting lookupd")?;
@@ -841,6 +892,7 @@ pub fn apply_report(r: &ApplyResult) -> String {
          | figure | idle | during the batch ({} binds) | ratio |\n\
          |---|---:|---:|---:|\n\
          | median | {:.2} | {:.2} | {:.1}x |\n\
+         | 90th percentile | | {:.2} | |\n\
          | worst | {:.2} | {:.2} | {:.1}x |\n",
         r.bindings,
         l.batch_seconds,
@@ -848,10 +900,31 @@ pub fn apply_report(r: &ApplyResult) -> String {
         l.idle_p50_ms,
         l.busy_p50_ms,
         l.busy_p50_ms / l.idle_p50_ms,
+        l.busy_p90_ms,
         l.idle_max_ms,
         l.busy_max_ms,
         l.busy_max_ms / l.idle_max_ms,
     );
+    if !r.batches.is_empty() {
+        let _ = write!(
+            out,
+            "\nThe agent's account of each batch (its log, ms)\n\n\
+             | batch | parse and sort | check | steps | longest step | writer total |\n\
+             |---|---:|---:|---:|---:|---:|\n"
+        );
+        for (i, b) in r.batches.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} |",
+                ["apply", "move"].get(i).copied().unwrap_or("more"),
+                b.parse_ms,
+                b.check_ms,
+                b.steps,
+                b.longest_step_ms,
+                b.total_ms
+            );
+        }
+    }
     out
 }
 

@@ -67,8 +67,30 @@ const MERGE_MAX: usize = 4096;
 /// A group of merged requests holds at most this many changes.
 const GROUP_MAX: usize = 32_768;
 
-/// Changes a large batch checks or applies before small requests get in.
-const CHUNK: usize = 16_384;
+/// Changes a large batch checks before small requests get in (checking is
+/// cheap: this takes a few milliseconds).
+const CHECK_STEP: usize = 16_384;
+
+/// How long a step of a large batch should hold the state: what a small
+/// request waits at most, give or take one change. Host changes cost the
+/// same whatever the step; a wide change recomputes the tables below its
+/// prefix, and changes in one step share that work, so wide steps are
+/// allowed longer.
+const HOST_STEP_TIME: std::time::Duration = std::time::Duration::from_millis(10);
+const WIDE_STEP_TIME: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Bounds for the number of changes in a step; each next step of a kind is
+/// sized from how long the last one of that kind took.
+const STEP_MAX: usize = 65_536;
+const STEP_FIRST: usize = 1024;
+
+/// The size of the next step, from the last: scaled towards `target`,
+/// halfway (geometrically) so that one odd step does not swing it far.
+fn next_step(size: usize, took: std::time::Duration, target: std::time::Duration) -> usize {
+    let took = took.as_secs_f64().max(1e-6);
+    let ideal = size as f64 * target.as_secs_f64() / took;
+    ((size as f64 * ideal).sqrt() as usize).clamp(1, STEP_MAX)
+}
 
 struct Job {
     changes: Changes,
@@ -217,7 +239,10 @@ impl Writer {
         // Checked in steps, small requests served in between; nothing
         // changes until the whole batch has passed.
         let mut check = d.begin_check(batch);
-        while !d.check_some(&mut check, CHUNK).map_err(Refusal::from)? {
+        while !d
+            .check_some(&mut check, CHECK_STEP)
+            .map_err(Refusal::from)?
+        {
             drop(d);
             self.serve_waiting();
             d = shared.blocking_lock();
@@ -226,13 +251,27 @@ impl Writer {
         let checked = started.elapsed();
         let mut failed = None;
         let mut longest_chunk = std::time::Duration::ZERO;
+        // Step sizes for host and for wide changes, learnt as they go.
+        let (mut host_step, mut wide_step, mut steps) = (STEP_FIRST, STEP_FIRST, 0);
         while !plan.is_done() {
             let chunk_started = Instant::now();
-            if let Err(e) = d.apply_chunk(&mut plan, CHUNK) {
+            let (host, n) = plan.next_run(if plan.next_run(1).0 {
+                host_step
+            } else {
+                wide_step
+            });
+            if let Err(e) = d.apply_chunk(&mut plan, n) {
                 failed = Some(e);
                 break;
             }
-            longest_chunk = longest_chunk.max(chunk_started.elapsed());
+            let took = chunk_started.elapsed();
+            longest_chunk = longest_chunk.max(took);
+            if host {
+                host_step = next_step(n, took, HOST_STEP_TIME);
+            } else {
+                wide_step = next_step(n, took, WIDE_STEP_TIME);
+            }
+            steps += 1;
             drop(d);
             self.serve_waiting();
             d = shared.blocking_lock();
@@ -240,7 +279,8 @@ impl Writer {
         let summary = d.finish_batch(plan);
         info!(
             check_ms = checked.as_millis() as u64,
-            longest_chunk_ms = longest_chunk.as_millis() as u64,
+            steps,
+            longest_step_ms = longest_chunk.as_millis() as u64,
             total_ms = started.elapsed().as_millis() as u64,
             "batch done"
         );

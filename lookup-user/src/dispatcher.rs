@@ -41,6 +41,10 @@ use crate::{
     table::{Op, Tables},
 };
 
+/// Host entries written in one step from which the write is split across
+/// two threads.
+const PARALLEL_HOST_WRITES: usize = 4096;
+
 /// The dispatcher object, built by `lookup-user/build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lookup"));
 
@@ -335,6 +339,20 @@ impl BatchPlan {
     /// Whether every change has been applied.
     pub fn is_done(&self) -> bool {
         self.done >= self.changes.len()
+    }
+
+    /// Whether the next change is to a host binding (a cheap one) rather
+    /// than a wider one (whose cost grows with the prefixes below it), and
+    /// how many changes of that kind follow, up to `max`.
+    pub fn next_run(&self, max: usize) -> (bool, usize) {
+        let rest = &self.changes[self.done.min(self.changes.len())..];
+        let host = rest.first().is_none_or(|(s, _)| s.prefix.is_host());
+        let n = rest
+            .iter()
+            .take(max.max(1))
+            .take_while(|(s, _)| s.prefix.is_host() == host)
+            .count();
+        (host, n)
     }
 }
 
@@ -1091,12 +1109,26 @@ impl Dispatcher {
         };
         sys::map_update_batch(self.host_ports_fd.as_fd(), &port_keys, &port_dests)
             .map_err(failed)?;
-        sys::map_update_batch(self.hosts_fd.as_fd(), &keys, &values).map_err(failed)?;
+        // Entries of different addresses are independent, and the kernel
+        // updates a hash table concurrently: a large write goes in two
+        // halves at once, one per CPU the machine is likely to have spare.
+        if keys.len() >= PARALLEL_HOST_WRITES {
+            let half = keys.len() / 2;
+            let fd = self.hosts_fd.as_fd();
+            let (first, second) = std::thread::scope(|scope| {
+                let other =
+                    scope.spawn(|| sys::map_update_batch(fd, &keys[half..], &values[half..]));
+                let first = sys::map_update_batch(fd, &keys[..half], &values[..half]);
+                (first, other.join().expect("host write thread panicked"))
+            });
+            first.and(second).map_err(failed)?;
+        } else {
+            sys::map_update_batch(self.hosts_fd.as_fd(), &keys, &values).map_err(failed)?;
+        }
         sys::map_delete_batch(self.hosts_fd.as_fd(), &deleted).map_err(failed)?;
         sys::map_delete_batch(self.host_ports_fd.as_fd(), &ports_deleted).map_err(failed)
     }
 
-    /// The destination a binding points at, host or wide.
     /// The label a binding has, if it exists.
     pub(crate) fn label_of(&self, selector: &Selector) -> Option<&Label> {
         self.bound(selector)
@@ -1104,6 +1136,7 @@ impl Dispatcher {
             .map(|d| &d.label)
     }
 
+    /// The destination a binding points at, host or wide.
     fn bound(&self, selector: &Selector) -> Option<u32> {
         if selector.prefix.is_host() {
             self.host_index.get(&selector.key())
