@@ -322,6 +322,10 @@ pub struct BatchCheck {
     next: usize,
     net: Vec<(Selector, Option<u32>)>,
     new_hosts: usize,
+    /// The refused change with the earliest line so far: changes are
+    /// checked in precedence order, and the error names the first bad line
+    /// of the input.
+    refused: Option<(u32, Error)>,
 }
 
 /// A checked batch, ready to apply in chunks: its net changes in a safe
@@ -1253,19 +1257,21 @@ impl Dispatcher {
             next: 0,
             net: Vec::new(),
             new_hosts: 0,
+            refused: None,
         }
     }
 
     /// Checks at least `max_changes` more changes of a batch (whole
     /// bindings at a time); `Ok(true)` once all are checked. An `unbind`
     /// must find its binding with its label, counting earlier changes of
-    /// the batch. Nothing is changed here.
+    /// the batch. Nothing is changed here. A refusal names the earliest bad
+    /// line of the input, though changes are checked in precedence order.
     pub fn check_some(&self, check: &mut BatchCheck, max_changes: usize) -> Result<bool> {
         use crate::batch::Change;
         let batch = &check.batch;
         let mut i = check.next;
         let stop = i.saturating_add(max_changes);
-        while i < batch.changes.len() {
+        'selectors: while i < batch.changes.len() {
             if i >= stop {
                 check.next = i;
                 return Ok(false);
@@ -1281,25 +1287,27 @@ impl Dispatcher {
                     state = Bound::Batch(label);
                 } else {
                     let given = batch.labels[label as usize].as_str();
-                    match name_of(state, self, &batch.labels) {
-                        None => {
-                            return Err(Error::Batch {
-                                line,
-                                source: Box::new(Error::NoSuchBinding(sel)),
-                            });
+                    let refused = match name_of(state, self, &batch.labels) {
+                        None => Some(Error::NoSuchBinding(sel)),
+                        Some(actual) if actual != given => Some(Error::LabelMismatch {
+                            selector: sel,
+                            actual: actual.to_owned(),
+                            given: given.to_owned(),
+                        }),
+                        Some(_) => None,
+                    };
+                    if let Some(e) = refused {
+                        if check.refused.as_ref().is_none_or(|(l, _)| line < *l) {
+                            check.refused = Some((line, e));
                         }
-                        Some(actual) if actual != given => {
-                            return Err(Error::Batch {
-                                line,
-                                source: Box::new(Error::LabelMismatch {
-                                    selector: sel,
-                                    actual: actual.to_owned(),
-                                    given: given.to_owned(),
-                                }),
-                            });
+                        // The rest of this selector's changes depend on
+                        // this one; skip to the next selector.
+                        while i < batch.changes.len() && batch.changes[i].selector == sel {
+                            i += 1;
                         }
-                        Some(_) => state = Bound::Nothing,
+                        continue 'selectors;
                     }
+                    state = Bound::Nothing;
                 }
                 i += 1;
             }
@@ -1320,7 +1328,13 @@ impl Dispatcher {
             }
         }
         check.next = batch.changes.len();
-        Ok(true)
+        match check.refused.take() {
+            Some((line, e)) => Err(Error::Batch {
+                line,
+                source: Box::new(e),
+            }),
+            None => Ok(true),
+        }
     }
 
     /// Checks a batch and plans it: every change is checked first, and a

@@ -580,3 +580,29 @@ fn a_failing_group_falls_back_to_one_by_one() {
     }
     assert_eq!(d.bindings().len(), limit);
 }
+
+/// A batch is checked in precedence order, but its refusal names the first
+/// bad line of the input, as the merged path (which checks in input order)
+/// does: the same batch gets the same answer whichever path it takes.
+#[test]
+fn a_refused_batch_names_its_first_bad_line() {
+    use lookup::churn::{Changes, apply_merged};
+    if !require_root() {
+        return;
+    }
+    let _ns = NetNs::new(&[]);
+    let fs = BpfFs::new();
+    let mut d = Dispatcher::open_or_create(Path::new("/proc/thread-self/ns/net"), fs.path())
+        .expect("open dispatcher");
+    // Line 2 (a host) sorts before line 1 (a /8); line 3 is fine.
+    let text = "unbind a tcp 10.0.0.0/8 80\nunbind a tcp 10.0.0.1 80\nbind a tcp 10.0.0.2 80\n";
+    let parse = || lookup::batch::parse(text).expect("parses");
+    let direct = d.apply_batch(parse()).expect_err("refused").to_string();
+    assert!(
+        direct.starts_with("line 1: no binding tcp 10.0.0.0/8 port 80"),
+        "{direct}"
+    );
+    let merged = apply_merged(&mut d, &[Changes::Apply(parse())]);
+    assert_eq!(merged, vec![Err(direct)]);
+    assert!(d.bindings().is_empty(), "a refused batch changes nothing");
+}
