@@ -84,12 +84,19 @@ const WIDE_STEP_TIME: std::time::Duration = std::time::Duration::from_millis(50)
 const STEP_MAX: usize = 65_536;
 const STEP_FIRST: usize = 1024;
 
-/// The size of the next step, from the last: scaled towards `target`,
-/// halfway (geometrically) so that one odd step does not swing it far.
+/// The size of the next step, from the last: scaled to `target` at once
+/// when the last step took too long, but grown by at most a quarter at a
+/// time, since the cost of a change tends to rise along a run (wide
+/// prefixes come longest first, and a shorter one has more tables below).
 fn next_step(size: usize, took: std::time::Duration, target: std::time::Duration) -> usize {
     let took = took.as_secs_f64().max(1e-6);
     let ideal = size as f64 * target.as_secs_f64() / took;
-    ((size as f64 * ideal).sqrt() as usize).clamp(1, STEP_MAX)
+    let next = if ideal < size as f64 {
+        ideal
+    } else {
+        ideal.min(size as f64 * 1.25 + 1.0)
+    };
+    (next as usize).clamp(1, STEP_MAX)
 }
 
 struct Job {
@@ -533,5 +540,25 @@ impl<'a> Simulation<'a> {
             });
         }
         net
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn steps_shrink_at_once_and_grow_slowly() {
+        let ms = Duration::from_millis;
+        // Twice too slow: half the size next time.
+        assert_eq!(next_step(1000, ms(20), ms(10)), 500);
+        // Ten times too fast: a quarter more, not ten times more.
+        assert_eq!(next_step(1000, ms(1), ms(10)), 1251);
+        // On target: about the same.
+        assert_eq!(next_step(1000, ms(10), ms(10)), 1000);
+        // Never below one change, never above the cap.
+        assert_eq!(next_step(1, Duration::from_secs(1), ms(10)), 1);
+        assert_eq!(next_step(STEP_MAX, Duration::ZERO, ms(10)), STEP_MAX);
     }
 }
