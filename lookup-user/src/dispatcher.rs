@@ -417,6 +417,10 @@ pub struct Dispatcher {
     hosts_fd: OwnedFd,
     host_ports_fd: OwnedFd,
     host_index: HostIndex,
+    // The wide tables' maps again, for batched writes.
+    prefixes_fd: OwnedFd,
+    ports_fd: OwnedFd,
+    wide_fd: OwnedFd,
     prefixes: LpmTrie<MapData, BindingKey, PrefixValue>,
     ports: HashMap<MapData, PortKey, u32>,
     wide: HashMap<MapData, PrefixKey, u32>,
@@ -719,6 +723,12 @@ impl Dispatcher {
             host_ports_fd: sys::obj_get(&dir.join(map_names::HOST_PORTS))
                 .map_err(io_err("cannot open the host port table"))?,
             host_index: HostIndex::default(),
+            prefixes_fd: sys::obj_get(&dir.join(map_names::PREFIXES))
+                .map_err(io_err("cannot open the prefix trie"))?,
+            ports_fd: sys::obj_get(&dir.join(map_names::PORTS))
+                .map_err(io_err("cannot open the port tables"))?,
+            wide_fd: sys::obj_get(&dir.join(map_names::WIDE))
+                .map_err(io_err("cannot open the wide bindings"))?,
             prefixes: maps.prefixes,
             ports: maps.ports,
             wide: maps.wide,
@@ -901,7 +911,118 @@ impl Dispatcher {
     }
 
     /// Applies data-plane writes in order.
+    /// Applies `ops` in order, each run of writes of one kind to one map
+    /// in one batched `bpf(2)` call (the kernel applies a batch in order,
+    /// so every state between is one the ops pass through anyway). Where a
+    /// batch fails, the rest of its run goes one op at a time, so the error
+    /// names the op.
     fn apply(&mut self, ops: &[Op]) -> Result<()> {
+        let mut start = 0;
+        while start < ops.len() {
+            let kind = std::mem::discriminant(&ops[start]);
+            let len = ops[start..]
+                .iter()
+                .take_while(|op| std::mem::discriminant(*op) == kind)
+                .count();
+            let run = &ops[start..start + len];
+            let done = if len > 1 {
+                self.apply_run(run).unwrap_or_else(|done| done)
+            } else {
+                0
+            };
+            self.apply_one_by_one(&run[done..])?;
+            start += len;
+        }
+        Ok(())
+    }
+
+    /// Writes a run of ops of one kind with one batched call; on failure,
+    /// how many went in.
+    fn apply_run(&self, run: &[Op]) -> std::result::Result<usize, usize> {
+        let res = match run[0] {
+            Op::WidePut { .. } => {
+                let (keys, values): (Vec<PrefixKey>, Vec<u32>) = run
+                    .iter()
+                    .filter_map(|op| match *op {
+                        Op::WidePut {
+                            key,
+                            len,
+                            destination,
+                        } => Some((
+                            PrefixKey {
+                                prefix_len: u32::from(len),
+                                key,
+                            },
+                            destination,
+                        )),
+                        _ => None,
+                    })
+                    .unzip();
+                sys::map_update_batch(self.wide_fd.as_fd(), &keys, &values)
+            }
+            Op::WideDel { .. } => {
+                let keys: Vec<PrefixKey> = run
+                    .iter()
+                    .filter_map(|op| match *op {
+                        Op::WideDel { key, len } => Some(PrefixKey {
+                            prefix_len: u32::from(len),
+                            key,
+                        }),
+                        _ => None,
+                    })
+                    .collect();
+                sys::map_delete_batch(self.wide_fd.as_fd(), &keys)
+            }
+            Op::PortPut(..) => {
+                let (keys, values): (Vec<PortKey>, Vec<u32>) = run
+                    .iter()
+                    .filter_map(|op| match *op {
+                        Op::PortPut(k, d) => Some((k, d)),
+                        _ => None,
+                    })
+                    .unzip();
+                sys::map_update_batch(self.ports_fd.as_fd(), &keys, &values)
+            }
+            Op::PortDel(..) => {
+                let keys: Vec<PortKey> = run
+                    .iter()
+                    .filter_map(|op| match *op {
+                        Op::PortDel(k) => Some(k),
+                        _ => None,
+                    })
+                    .collect();
+                sys::map_delete_batch(self.ports_fd.as_fd(), &keys)
+            }
+            Op::TriePut { .. } => {
+                let (keys, values): (Vec<lpm_trie::Key<BindingKey>>, Vec<PrefixValue>) = run
+                    .iter()
+                    .filter_map(|op| match *op {
+                        Op::TriePut { key, len, value } => Some((
+                            lpm_trie::Key::new(KEY_HEADER_BITS + u32::from(len), key),
+                            value,
+                        )),
+                        _ => None,
+                    })
+                    .unzip();
+                sys::map_update_batch(self.prefixes_fd.as_fd(), &keys, &values)
+            }
+            Op::TrieDel { .. } => {
+                let keys: Vec<lpm_trie::Key<BindingKey>> = run
+                    .iter()
+                    .filter_map(|op| match *op {
+                        Op::TrieDel { key, len } => {
+                            Some(lpm_trie::Key::new(KEY_HEADER_BITS + u32::from(len), key))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                sys::map_delete_batch(self.prefixes_fd.as_fd(), &keys)
+            }
+        };
+        res.map(|()| run.len()).map_err(|(done, _)| done)
+    }
+
+    fn apply_one_by_one(&mut self, ops: &[Op]) -> Result<()> {
         for op in ops {
             let res = match *op {
                 Op::WidePut {

@@ -378,10 +378,22 @@ impl Tables {
                 (!new, std::cmp::Reverse(len))
             });
             doomed.sort_by_key(|&(_, len)| len);
+            // New prefixes are invisible until their trie node goes in, so
+            // their port entries can all go first; their nodes then go in
+            // the order above. Existing prefixes are updated after all new
+            // ones are in, and each is looked up on its own, so their
+            // writes group by kind too.
+            let mut writes = Writes::default();
+            let mut new_ones = true;
             for (addr, len) in dirty {
                 let want = wants.remove(&(addr, len)).expect("computed above");
-                self.install(space, addr, len, want, ops);
+                if new_ones && self.spaces[&space][&(addr, len)].in_trie {
+                    new_ones = false;
+                    writes.drain_into(ops);
+                }
+                self.install_into(space, addr, len, want, &mut writes);
             }
+            writes.drain_into(ops);
             let nodes = self.spaces.get_mut(&space).expect("space exists");
             let mut freed = Vec::new();
             for &(addr, len) in &doomed {
@@ -492,17 +504,33 @@ impl Tables {
     /// Writes the table `want` for one prefix (see
     /// [`Tables::reconcile_prefix`]).
     fn install(&mut self, space: SpaceId, addr: Bits, len: u8, want: Installed, ops: &mut Vec<Op>) {
+        let mut writes = Writes::default();
+        self.install_into(space, addr, len, want, &mut writes);
+        writes.drain_into(ops);
+    }
+
+    /// [`Tables::install`], with the writes sorted by kind into `writes`:
+    /// for one prefix, its new port entries go before its trie node, and
+    /// removed entries after, whatever other prefixes' writes go between.
+    fn install_into(
+        &mut self,
+        space: SpaceId,
+        addr: Bits,
+        len: u8,
+        want: Installed,
+        writes: &mut Writes,
+    ) {
         let nodes = self.spaces.get_mut(&space).expect("space exists");
         let node = nodes.get_mut(&(addr, len)).expect("node exists");
         let fresh = !node.in_trie;
         let table = node.table;
         for (&p, &d) in &want.ports {
             if node.installed.ports.get(&p) != Some(&d) {
-                ops.push(Op::PortPut(PortKey::new(table, p), d));
+                writes.ports.push(Op::PortPut(PortKey::new(table, p), d));
             }
         }
         if fresh || node.installed.default != want.default {
-            ops.push(Op::TriePut {
+            writes.trie.push(Op::TriePut {
                 key: from_bits(space, addr, 0),
                 len,
                 value: PrefixValue {
@@ -513,11 +541,31 @@ impl Tables {
         }
         for &p in node.installed.ports.keys() {
             if !want.ports.contains_key(&p) {
-                ops.push(Op::PortDel(PortKey::new(table, p)));
+                writes.removals.push(Op::PortDel(PortKey::new(table, p)));
             }
         }
         node.installed = want;
         node.in_trie = true;
+    }
+}
+
+/// Writes for a set of prefixes whose lookups are independent of each
+/// other's writes, grouped by kind so that each group is one batched call:
+/// every prefix's new port entries, then the trie nodes, then the port
+/// entries no longer wanted. Each prefix still sees its own three in that
+/// order.
+#[derive(Default)]
+struct Writes {
+    ports: Vec<Op>,
+    trie: Vec<Op>,
+    removals: Vec<Op>,
+}
+
+impl Writes {
+    fn drain_into(&mut self, ops: &mut Vec<Op>) {
+        ops.append(&mut self.ports);
+        ops.append(&mut self.trie);
+        ops.append(&mut self.removals);
     }
 }
 
