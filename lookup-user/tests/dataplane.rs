@@ -606,3 +606,68 @@ fn a_refused_batch_names_its_first_bad_line() {
     assert_eq!(merged, vec![Err(direct)]);
     assert!(d.bindings().is_empty(), "a refused batch changes nothing");
 }
+
+/// A full host table refuses one more host with an error that says so, and
+/// nothing changes: not the bindings, not what the data plane answers.
+#[test]
+fn a_full_host_table_refuses_and_changes_nothing() {
+    use lookup::churn::{Changes, apply_merged};
+    if !require_root() {
+        return;
+    }
+    let _ns = NetNs::new(&[]);
+    let fs = BpfFs::new();
+    let mut d = Dispatcher::open_or_create(Path::new("/proc/thread-self/ns/net"), fs.path())
+        .expect("open dispatcher");
+    let prog = SkLookup::from_pin(d.location().dir.join("program")).expect("pinned program");
+    let label: Label = "a".parse().unwrap();
+    let (fd, cookie) = server(Family::Ipv4, Protocol::Tcp);
+    d.register(&label, vec![(fd.try_clone().expect("dup"), "a".into())])
+        .expect("register");
+    let max = lookup_common::MAX_BINDINGS;
+    let host = |i: u32| Ipv4Addr::from(0x0a00_0000 + i);
+    let mut text = String::with_capacity(max as usize * 28);
+    for i in 0..max {
+        text.push_str(&format!("bind a tcp {} 80\n", host(i)));
+    }
+    d.apply_batch(lookup::batch::parse(&text).expect("parses"))
+        .expect("a full table's worth fits");
+    drop(text);
+    assert_eq!(d.binding_count(), max as usize);
+
+    let one_more = Binding {
+        label: label.clone(),
+        protocol: Protocol::Tcp,
+        prefix: Prefix::new(IpAddr::V4(host(max)), 32).unwrap(),
+        port: 80,
+    };
+    let batch = lookup::batch::parse(&format!("bind a tcp {} 80\n", host(max))).unwrap();
+    let e = d
+        .apply_batch(batch)
+        .expect_err("the table is full")
+        .to_string();
+    assert!(e.contains("more than 1048576 host bindings"), "{e}");
+    let got = apply_merged(&mut d, &[Changes::Bind(one_more.clone())]);
+    let e = got[0].as_ref().expect_err("the table is full");
+    assert!(
+        e.contains(&format!("{}", one_more.selector())) && e.contains("full"),
+        "{e}"
+    );
+    assert_eq!(d.binding_count(), max as usize);
+    let fd_prog = prog.fd().expect("program fd");
+    for (ip, want) in [(host(0), cookie), (host(max - 1), cookie), (host(max), 0)] {
+        let got = sys::sk_lookup_test_run(
+            fd_prog.as_fd(),
+            &context(Protocol::Tcp, IpAddr::V4(ip), 80),
+            1,
+        )
+        .expect("test run");
+        assert_eq!((got.retval, got.cookie), (SK_PASS, want), "{ip}");
+    }
+    // A moved binding still fits: the table is full, not frozen.
+    let mut moved = one_more;
+    moved.prefix = Prefix::new(IpAddr::V4(host(7)), 32).unwrap();
+    moved.label = "b".parse().unwrap();
+    assert!(apply_merged(&mut d, &[Changes::Bind(moved)])[0].is_ok());
+    drop(fd);
+}
