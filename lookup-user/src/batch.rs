@@ -141,8 +141,11 @@ pub fn parse(text: &str) -> Result<Batch, LineError> {
     } else {
         // Split at a line boundary near the middle.
         let middle = text.len() / 2;
-        let cut = text[middle..]
-            .find('\n')
+        // Bytes, not chars: the middle may fall inside a multi-byte
+        // character, and a newline never does.
+        let cut = text.as_bytes()[middle..]
+            .iter()
+            .position(|&b| b == b'\n')
             .map_or(text.len(), |i| middle + i + 1);
         let (head, tail) = text.split_at(cut);
         let tail_first = 1 + head.matches('\n').count();
@@ -250,5 +253,22 @@ mod tests {
         bad[3] = "bnid web tcp 10.0.0.1 80";
         let e = parse(&bad.join("\n")).unwrap_err();
         assert_eq!(e.line, 4, "{e}");
+    }
+
+    /// The split falls on a line boundary even where the middle byte is
+    /// inside a multi-byte character.
+    #[test]
+    fn the_split_respects_characters() {
+        let line = "bind café tcp 10.0.0.1 80 # é è ê ë\n";
+        let body = line.repeat((1 << 20) / line.len() + 2);
+        // Pad the front until the middle byte is inside a character.
+        let text = (0..line.len())
+            .map(|pad| format!("{}\n{body}", "#".repeat(pad)))
+            .find(|t| !t.is_char_boundary(t.len() / 2))
+            .expect("some padding puts the middle inside a character");
+        let b = parse(&text).expect("parses");
+        assert_eq!(b.labels.len(), 1);
+        assert_eq!(b.labels[0].as_str(), "café");
+        assert_eq!(b.changes.len(), text.lines().count() - 1);
     }
 }

@@ -328,7 +328,7 @@ pub fn apply_merged(d: &mut Dispatcher, requests: &[Changes]) -> Vec<Result<Stri
                             requests = requests.len(),
                             "a merged group failed and was undone; applying its requests one by one"
                         );
-                        one_by_one(d, requests, outcomes)
+                        one_by_one(d, requests)
                     }
                 }
             }
@@ -337,18 +337,14 @@ pub fn apply_merged(d: &mut Dispatcher, requests: &[Changes]) -> Vec<Result<Stri
     outcomes.into_iter().map(|o| o.map_err(|r| r.0)).collect()
 }
 
-/// Applies each accepted request of a group on its own, in order: the
-/// fallback when the merged group failed (and was undone).
-fn one_by_one(
-    d: &mut Dispatcher,
-    requests: &[Changes],
-    checked: Vec<Result<String, Refusal>>,
-) -> Vec<Result<String, Refusal>> {
+/// Applies every request of a group on its own, in order: the fallback
+/// when the merged group failed (and was undone). Each is checked again:
+/// a request refused against what the group would have made may be fine
+/// against what the requests before it really made.
+fn one_by_one(d: &mut Dispatcher, requests: &[Changes]) -> Vec<Result<String, Refusal>> {
     requests
         .iter()
-        .zip(checked)
-        .map(|(changes, checked)| {
-            checked?;
+        .map(|changes| {
             let applied = match changes {
                 Changes::Bind(b) => d.bind(b),
                 Changes::Unbind(b) => d.unbind(b),

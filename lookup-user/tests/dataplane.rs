@@ -579,6 +579,32 @@ fn a_failing_group_falls_back_to_one_by_one() {
         }
     }
     assert_eq!(d.bindings().len(), limit);
+
+    // After a merged group fails, every request is tried again on its own:
+    // the unbind, refused against the group's bind that never happened,
+    // now finds the binding as it is.
+    let host = |label: &str| Binding {
+        label: label.parse().unwrap(),
+        protocol: Protocol::Tcp,
+        prefix: "10.1.0.0".parse().unwrap(),
+        port: 80,
+    };
+    let got = apply_merged(
+        &mut d,
+        &[Changes::Bind(host("fresh")), Changes::Unbind(host("l0"))],
+    );
+    assert!(
+        got[0]
+            .as_ref()
+            .is_err_and(|e| e.contains("destinations are in use")),
+        "{got:?}"
+    );
+    assert_eq!(
+        got[1].as_deref(),
+        Ok("unbound tcp 10.1.0.0/32 port 80 -> l0"),
+        "{got:?}"
+    );
+    assert_eq!(d.bindings().len(), limit - 1);
 }
 
 /// A batch is checked in precedence order, but its refusal names the first
