@@ -320,7 +320,9 @@ pub struct BatchCheck {
     batch: crate::batch::Batch,
     total: usize,
     next: usize,
-    net: Vec<(Selector, Option<u32>)>,
+    /// Net change per binding: the label it gets, and the destination it
+    /// had when checked.
+    net: Vec<(Selector, Option<u32>, Option<u32>)>,
     new_hosts: usize,
     /// The refused change with the earliest line so far: changes are
     /// checked in precedence order, and the error names the first bad line
@@ -334,6 +336,10 @@ pub struct BatchCheck {
 pub struct BatchPlan {
     total: usize,
     changes: Vec<(Selector, Option<u32>)>,
+    /// For each removal, the destination it was checked against: it is
+    /// applied only if the binding still has it (see
+    /// [`Dispatcher::apply_chunk`]).
+    removing: rustc_hash::FxHashMap<Selector, u32>,
     pins: Vec<u32>,
     done: usize,
     counts: (usize, usize, usize),
@@ -1445,6 +1451,10 @@ impl Dispatcher {
                         Bound::Batch(l) => Some(l),
                         _ => None,
                     },
+                    match initially {
+                        Bound::Now(id) => Some(id),
+                        _ => None,
+                    },
                 ));
             }
         }
@@ -1486,7 +1496,7 @@ impl Dispatcher {
         // Destinations for every label bound; any allocated here and left
         // unused by a failure are freed again by `unpin`.
         let mut ids: StdHashMap<(u32, Family, Protocol), u32> = StdHashMap::new();
-        for &(sel, label) in &net {
+        for &(sel, label, _) in &net {
             let Some(label) = label else { continue };
             let key = (label, sel.prefix.family(), sel.protocol);
             if ids.contains_key(&key) {
@@ -1516,11 +1526,15 @@ impl Dispatcher {
         // `net` is in precedence order. Additions go most specific first,
         // removals least specific first: at every step a connection goes
         // where the old or the new rules send it.
-        let (adds, removes): (Vec<_>, Vec<_>) = net.into_iter().partition(|(_, l)| l.is_some());
+        let (adds, removes): (Vec<_>, Vec<_>) = net.into_iter().partition(|(_, l, _)| l.is_some());
+        let removing = removes
+            .iter()
+            .filter_map(|&(s, _, from)| Some((s, from?)))
+            .collect();
         let changes: Vec<(Selector, Option<u32>)> = adds
             .into_iter()
-            .map(|(s, l)| (s, new_id(&s, l)))
-            .chain(removes.into_iter().rev().map(|(s, _)| (s, None)))
+            .map(|(s, l, _)| (s, new_id(&s, l)))
+            .chain(removes.into_iter().rev().map(|(s, _, _)| (s, None)))
             .collect();
         drop(batch);
         if self.hosts_count() + new_hosts > lookup_common::MAX_BINDINGS as usize {
@@ -1533,6 +1547,7 @@ impl Dispatcher {
         Ok(BatchPlan {
             total,
             changes,
+            removing,
             pins: ids.into_values().collect(),
             done: 0,
             counts: (0, 0, 0),
@@ -1552,12 +1567,20 @@ impl Dispatcher {
     }
 
     /// Applies the next at most `max` changes of `plan`. Between chunks the
-    /// agent serves other clients; a change is applied as "set" or "remove"
-    /// on whatever the binding is by then, so the last writer wins.
+    /// agent serves other clients. A binding the batch sets is set whatever
+    /// it is by then (the later write wins, as if the batch came after).
+    /// A binding the batch removes is removed only if it still points where
+    /// it did when the batch was checked: if another request moved it since,
+    /// that request counts as coming after the batch, and its binding stays.
     pub fn apply_chunk(&mut self, plan: &mut BatchPlan, max: usize) -> Result<()> {
         self.ensure_pinned()?;
         let end = plan.changes.len().min(plan.done.saturating_add(max));
-        let chunk = &plan.changes[plan.done..end];
+        let chunk: Vec<(Selector, Option<u32>)> = plan.changes[plan.done..end]
+            .iter()
+            .copied()
+            .filter(|(s, to)| to.is_some() || plan.removing.get(s).copied() == self.bound(s))
+            .collect();
+        let chunk = &chunk[..];
         let mut host_changes: Vec<(BindingKey, Option<u32>)> = Vec::new();
         let mut ops = Vec::new();
         let mut undo_wide = Vec::new();

@@ -697,3 +697,57 @@ fn a_full_host_table_refuses_and_changes_nothing() {
     assert!(apply_merged(&mut d, &[Changes::Bind(moved)])[0].is_ok());
     drop(fd);
 }
+
+/// A large batch is checked, then written in steps with other requests
+/// served between them. A removal it checked is not applied to a binding
+/// another request has moved since: that request counts as coming after
+/// the batch, and its binding stays. A binding the batch sets is set
+/// whatever happened in between, as if the batch came last.
+#[test]
+fn a_batch_does_not_remove_what_others_moved_meanwhile() {
+    if !require_root() {
+        return;
+    }
+    let _ns = NetNs::new(&[]);
+    let fs = BpfFs::new();
+    let mut d = Dispatcher::open_or_create(Path::new("/proc/thread-self/ns/net"), fs.path())
+        .expect("open dispatcher");
+    let b = |label: &str, prefix: &str| Binding {
+        label: label.parse().unwrap(),
+        protocol: Protocol::Tcp,
+        prefix: prefix.parse().unwrap(),
+        port: 80,
+    };
+    for prefix in ["10.0.0.1", "10.0.0.2", "10.9.0.0/16", "10.8.0.0/16"] {
+        d.bind(&b("a", prefix)).expect("bind");
+    }
+    let batch = lookup::batch::parse(
+        "unbind a tcp 10.0.0.1 80\nunbind a tcp 10.9.0.0/16 80\n\
+         unbind a tcp 10.0.0.2 80\nunbind a tcp 10.8.0.0/16 80\n\
+         bind c tcp 10.0.0.3 80\n",
+    )
+    .unwrap();
+    let mut check = d.begin_check(batch);
+    assert!(d.check_some(&mut check, usize::MAX).expect("checks"));
+    let mut plan = d.plan_batch(check).expect("plans");
+    // Between the check and the writes, another client moves two of the
+    // bindings the batch removes, and binds what the batch binds.
+    d.bind(&b("z", "10.0.0.1")).expect("move host");
+    d.bind(&b("z", "10.9.0.0/16")).expect("move prefix");
+    d.bind(&b("z", "10.0.0.3")).expect("bind host");
+    while !plan.is_done() {
+        d.apply_chunk(&mut plan, 1).expect("step");
+    }
+    let summary = d.finish_batch(plan).expect("finish");
+    assert!(summary.contains("2 unbound"), "{summary}");
+    let mut now: Vec<String> = d.bindings().iter().map(ToString::to_string).collect();
+    now.sort();
+    assert_eq!(
+        now,
+        [
+            "tcp 10.0.0.1/32 port 80 -> z",
+            "tcp 10.0.0.3/32 port 80 -> c",
+            "tcp 10.9.0.0/16 port 80 -> z",
+        ]
+    );
+}
