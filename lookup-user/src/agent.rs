@@ -92,7 +92,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let shared: Shared = Arc::new(Mutex::new(dispatcher));
     // Each client has at most one request in flight, so the queue never
     // holds more than MAX_CLIENTS.
-    let queue = churn::start(Arc::clone(&shared), MAX_CLIENTS, config.merge);
+    let (queue, writer) = churn::start(Arc::clone(&shared), MAX_CLIENTS, config.merge);
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
@@ -101,6 +101,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
 
     // At most this many clients at once; more wait in the listen backlog.
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+    // Requests read but not yet answered, so a stop can let answers out.
+    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let next = async {
             let slot = Arc::clone(&slots)
@@ -114,9 +116,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
                 Ok((stream, _)) => {
                     let shared = Arc::clone(&shared);
                     let queue = queue.clone();
+                    let busy = Arc::clone(&busy);
                     tokio::spawn(async move {
                         let _slot = slot;
-                        match serve(stream, shared, queue).await {
+                        match serve(stream, shared, queue, busy).await {
                             Ok(()) | Err(proto::FrameError::Closed) => {}
                             Err(e) => debug!(error = %e, "control connection failed"),
                         }
@@ -134,7 +137,20 @@ pub async fn run(config: Config) -> Result<(), Error> {
         }
     }
     notify("STOPPING=1");
+    // No new clients; changes already queued (a batch in progress too) are
+    // finished, so a stop never leaves a batch half applied.
+    drop(listener);
     let _ = std::fs::remove_file(&config.control);
+    info!("finishing the changes already queued");
+    writer.stop().await;
+    // Let the answers to them reach their clients (briefly: a client that
+    // does not read its answer does not hold the stop up).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    while busy.load(std::sync::atomic::Ordering::Acquire) > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     Ok(())
 }
 
@@ -185,10 +201,27 @@ async fn listen(path: &Path) -> Result<UnixListener, Error> {
     Ok(listener)
 }
 
+/// Counts a request as in flight while it lives.
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    fn new(busy: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(Arc::clone(busy))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 async fn serve(
     mut stream: UnixStream,
     shared: Shared,
     queue: churn::Queue,
+    busy: Arc<std::sync::atomic::AtomicUsize>,
 ) -> Result<(), proto::FrameError> {
     loop {
         // Read exactly one frame, header then body, never a byte beyond it:
@@ -210,6 +243,7 @@ async fn serve(
         }
         let mut frame = Vec::with_capacity(len);
         read_exact(&stream, &mut frame, len, &mut frame_fds).await?;
+        let _in_flight = InFlight::new(&busy);
         let response = respond(frame, frame_fds, &shared, &queue).await;
         // Answers that can be large (bindings, status) are encoded off the
         // async workers.

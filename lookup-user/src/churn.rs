@@ -104,34 +104,61 @@ struct Job {
     reply: oneshot::Sender<Response>,
 }
 
+enum Msg {
+    Job(Job),
+    /// Finish what was queued before, then stop.
+    Stop,
+}
+
 /// The writer's queue.
 #[derive(Clone)]
-pub struct Queue(mpsc::Sender<Job>);
+pub struct Queue(mpsc::Sender<Msg>);
 
 impl Queue {
     /// Queues `changes` (waiting while the queue is full) and waits for the
     /// outcome.
     pub async fn submit(&self, changes: Changes) -> Response {
         let (reply, outcome) = oneshot::channel();
-        if self.0.send(Job { changes, reply }).await.is_err() {
+        if self.0.send(Msg::Job(Job { changes, reply })).await.is_err() {
             return stopped();
         }
         outcome.await.unwrap_or_else(|_| stopped())
     }
 }
 
+/// The writer thread, to stop when the agent does.
+pub struct WriterThread {
+    queue: mpsc::Sender<Msg>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl WriterThread {
+    /// Lets the writer finish every request queued so far (a large batch
+    /// included: a batch is all or nothing, and a stop must not cut one in
+    /// half), then waits for it to end. Requests queued after this are
+    /// refused.
+    pub async fn stop(self) {
+        let _ = self.queue.send(Msg::Stop).await;
+        let _ = tokio::task::spawn_blocking(move || self.thread.join()).await;
+    }
+}
+
 fn stopped() -> Response {
     Response::Error {
-        message: "internal error: lookupd's writer has stopped".into(),
+        message: "lookupd is stopping: the change was not applied".into(),
     }
 }
 
 /// Starts the writer for `shared`, with room for `capacity` waiting
 /// requests (senders wait when it is full). With `merge` false every
 /// request is applied on its own: for comparison in benchmarks.
-pub fn start(shared: Arc<Mutex<Dispatcher>>, capacity: usize, merge: bool) -> Queue {
+pub fn start(
+    shared: Arc<Mutex<Dispatcher>>,
+    capacity: usize,
+    merge: bool,
+) -> (Queue, WriterThread) {
     let (tx, rx) = mpsc::channel(capacity);
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("lookupd-writer".into())
         .spawn(move || {
             let writer = Writer {
@@ -139,6 +166,7 @@ pub fn start(shared: Arc<Mutex<Dispatcher>>, capacity: usize, merge: bool) -> Qu
                 rx,
                 deferred: VecDeque::new(),
                 merge,
+                stopping: false,
             };
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run())).is_err() {
                 // Without its writer the agent cannot change anything: stop,
@@ -149,15 +177,17 @@ pub fn start(shared: Arc<Mutex<Dispatcher>>, capacity: usize, merge: bool) -> Qu
             }
         })
         .expect("cannot start the writer thread");
-    Queue(tx)
+    (Queue(tx.clone()), WriterThread { queue: tx, thread })
 }
 
 struct Writer {
     shared: Arc<Mutex<Dispatcher>>,
-    rx: mpsc::Receiver<Job>,
+    rx: mpsc::Receiver<Msg>,
     /// Large requests taken from the queue while another was applied.
     deferred: VecDeque<Job>,
     merge: bool,
+    /// A stop was asked for: finish what is deferred, take nothing more.
+    stopping: bool,
 }
 
 impl Writer {
@@ -165,9 +195,13 @@ impl Writer {
         loop {
             let job = match self.deferred.pop_front() {
                 Some(job) => job,
+                None if self.stopping => return,
                 None => match self.rx.blocking_recv() {
-                    Some(job) => job,
-                    None => return,
+                    Some(Msg::Job(job)) => job,
+                    Some(Msg::Stop) | None => {
+                        self.stopping = true;
+                        continue;
+                    }
                 },
             };
             if is_large(job.changes.len()) {
@@ -183,12 +217,19 @@ impl Writer {
     /// Adds queued small requests to `group` (up to [`GROUP_MAX`]
     /// changes), without waiting; large ones are set aside for later.
     fn gather(&mut self, group: &mut Vec<Job>) {
-        if !self.merge && !group.is_empty() {
+        if self.stopping || (!self.merge && !group.is_empty()) {
             return;
         }
         let mut size: usize = group.iter().map(|j| j.changes.len()).sum();
         while size < GROUP_MAX {
-            let Ok(job) = self.rx.try_recv() else { break };
+            let job = match self.rx.try_recv() {
+                Ok(Msg::Job(job)) => job,
+                Ok(Msg::Stop) => {
+                    self.stopping = true;
+                    break;
+                }
+                Err(_) => break,
+            };
             let n = job.changes.len();
             if is_large(n) {
                 self.deferred.push_back(job);

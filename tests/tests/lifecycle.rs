@@ -207,6 +207,61 @@ fn sigterm_exits_zero_and_keeps_steering() {
     }
 }
 
+/// SIGTERM while a large batch is being written: the agent finishes it (a
+/// batch is all or nothing), answers its client, then exits.
+#[test]
+fn sigterm_finishes_a_batch_in_progress() {
+    if !require_root() {
+        return;
+    }
+    let mut lab = Lab::new(&[]);
+    const LINES: u32 = 300_000;
+    let file = lab.tmp.join("big.txt");
+    let text: String = (0..LINES)
+        .map(|i| {
+            format!(
+                "bind bulk tcp {} 80\n",
+                std::net::Ipv4Addr::from(0x0a00_0000 + i)
+            )
+        })
+        .collect();
+    std::fs::write(&file, text).expect("write batch");
+    let mut cmd = Command::new(bins::binary(bins::LOOKUPCTL));
+    cmd.args(["--control", lab.control().to_str().expect("utf-8"), "apply"])
+        .arg(&file);
+    let client = std::thread::spawn(move || run_with_timeout(&mut cmd, Duration::from_secs(120)));
+    // Stop it once the batch has reached the writer.
+    let started = std::time::Instant::now();
+    while !lab.log_text().contains("batch parsed") {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the batch never arrived; log:\n{}",
+            lab.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    lab.sigterm();
+    let log = lab.log_text();
+    let (Some(stop), Some(done)) = (log.find("SIGTERM"), log.find("batch done")) else {
+        panic!("no stop or no batch end in the log:\n{log}");
+    };
+    assert!(
+        stop < done,
+        "the batch ended before the stop, so this proves nothing; log:\n{log}"
+    );
+    let out = client.join().expect("client thread");
+    assert!(
+        out.status.success() && out.stdout.contains(&format!("{LINES} bound")),
+        "the batch's client: {} {}",
+        out.stdout,
+        out.stderr
+    );
+    lab.restart();
+    let status = lab.status_json();
+    let bulk = expect_destination(&status, "bulk", "ipv4", Proto::Tcp);
+    assert_eq!(bulk["bindings"], LINES, "{bulk}");
+}
+
 #[test]
 fn agent_refuses_a_bpffs_that_is_not_one() {
     if !require_root() {
