@@ -224,6 +224,11 @@ fn is_full(e: &MapError) -> bool {
         if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)))
 }
 
+fn is_missing(e: &MapError) -> bool {
+    matches!(e, MapError::KeyNotFound)
+        || matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT))
+}
+
 fn full_or(e: MapError, selector: &Selector) -> Error {
     if is_full(&e) {
         Error::TableFull(*selector)
@@ -340,6 +345,8 @@ pub struct BatchPlan {
     /// applied only if the binding still has it (see
     /// [`Dispatcher::apply_chunk`]).
     removing: rustc_hash::FxHashMap<Selector, u32>,
+    /// Host entries this batch will still add, reserved in the table.
+    reserved: usize,
     pins: Vec<u32>,
     done: usize,
     counts: (usize, usize, usize),
@@ -436,6 +443,10 @@ pub struct Dispatcher {
     // Keys come from the root-only control socket, so a fast hash without
     // flood resistance is the right trade at a million entries.
     bindings: rustc_hash::FxHashMap<Selector, u32>,
+    /// Host entries that batches in progress have yet to add: room kept in
+    /// the host table, so a request served between a batch's steps cannot
+    /// fill it and leave the batch half applied.
+    reserved_hosts: usize,
     tables: Tables,
     destinations: Vec<Option<Destination>>,
     by_destination: StdHashMap<Destination, u32>,
@@ -743,6 +754,7 @@ impl Dispatcher {
             metrics: maps.metrics,
             records: maps.records,
             bindings: rustc_hash::FxHashMap::default(),
+            reserved_hosts: 0,
             destinations: vec![None; MAX_DESTINATIONS as usize],
             by_destination: StdHashMap::new(),
             refcount: vec![0; MAX_DESTINATIONS as usize],
@@ -1028,6 +1040,20 @@ impl Dispatcher {
         res.map(|()| run.len()).map_err(|(done, _)| done)
     }
 
+    /// Applies `ops` that undo a write that may have stopped part way:
+    /// one at a time, passing over deletes of entries that are not there.
+    fn apply_undo(&mut self, ops: &[Op]) -> Result<()> {
+        for op in ops {
+            match self.apply_one_by_one(std::slice::from_ref(op)) {
+                Err(Error::Map { source, .. })
+                    if matches!(op, Op::WideDel { .. } | Op::PortDel(_) | Op::TrieDel { .. })
+                        && is_missing(&source) => {}
+                other => other?,
+            }
+        }
+        Ok(())
+    }
+
     fn apply_one_by_one(&mut self, ops: &[Op]) -> Result<()> {
         for op in ops {
             let res = match *op {
@@ -1166,6 +1192,12 @@ impl Dispatcher {
 
     fn write_binding(&mut self, selector: &Selector, id: u32) -> Result<()> {
         if selector.prefix.is_host() {
+            // A new host must leave the room batches in progress reserved.
+            if self.host_index.get(&selector.key()).is_none()
+                && self.hosts_count() + self.reserved_hosts >= lookup_common::MAX_BINDINGS as usize
+            {
+                return Err(Error::TableFull(*selector));
+            }
             return self.write_host(selector, Some(id));
         }
         let mut ops = Vec::new();
@@ -1217,6 +1249,12 @@ impl Dispatcher {
     /// Writes host ops, each kind with one batched syscall, kinds in the
     /// order of [`HostOp::phase`] (the order `HostIndex` emits them in).
     fn apply_host_ops(&self, ops: &[HostOp]) -> Result<()> {
+        self.write_host_ops(ops, false)
+    }
+
+    /// Writes host ops; with `undo`, deletes pass over entries that are
+    /// not there (the write being undone may have stopped before them).
+    fn write_host_ops(&self, ops: &[HostOp], undo: bool) -> Result<()> {
         let (mut port_keys, mut port_dests) = (Vec::new(), Vec::new());
         let (mut keys, mut values) = (Vec::new(), Vec::new());
         let (mut deleted, mut ports_deleted) = (Vec::new(), Vec::new());
@@ -1255,6 +1293,15 @@ impl Dispatcher {
             first.and(second).map_err(failed)?;
         } else {
             sys::map_update_batch(self.hosts_fd.as_fd(), &keys, &values).map_err(failed)?;
+        }
+        if undo {
+            let failed = |source| Error::Io {
+                what: "cannot undo host bindings".into(),
+                source,
+            };
+            sys::map_delete_present(self.hosts_fd.as_fd(), &deleted).map_err(failed)?;
+            return sys::map_delete_present(self.host_ports_fd.as_fd(), &ports_deleted)
+                .map_err(failed);
         }
         sys::map_delete_batch(self.hosts_fd.as_fd(), &deleted).map_err(failed)?;
         sys::map_delete_batch(self.host_ports_fd.as_fd(), &ports_deleted).map_err(failed)
@@ -1537,7 +1584,9 @@ impl Dispatcher {
             .chain(removes.into_iter().rev().map(|(s, _, _)| (s, None)))
             .collect();
         drop(batch);
-        if self.hosts_count() + new_hosts > lookup_common::MAX_BINDINGS as usize {
+        if self.hosts_count() + self.reserved_hosts + new_hosts
+            > lookup_common::MAX_BINDINGS as usize
+        {
             self.unpin(&ids)?;
             return Err(Error::BatchTooLarge {
                 what: "host bindings",
@@ -1548,6 +1597,10 @@ impl Dispatcher {
             total,
             changes,
             removing,
+            reserved: {
+                self.reserved_hosts += new_hosts;
+                new_hosts
+            },
             pins: ids.into_values().collect(),
             done: 0,
             counts: (0, 0, 0),
@@ -1614,14 +1667,16 @@ impl Dispatcher {
                 .collect();
             let mut undo_host_ops = Vec::new();
             self.host_index.set_many(&undo_hosts, &mut undo_host_ops);
-            let _ = self.apply_host_ops(&undo_host_ops);
+            if let Err(undo_err) = self.write_host_ops(&undo_host_ops, true) {
+                warn!(error = %undo_err, "could not undo a failed batch's host entries; the agent repairs them when it restarts");
+            }
             let mut undo = Vec::new();
             self.tables.begin_batch();
             for (s, prev) in undo_wide.into_iter().rev() {
                 self.tables.set(&s.key(), s.prefix.len(), prev, &mut undo);
             }
             self.tables.finish_batch(&mut undo);
-            if let Err(undo_err) = self.apply(&undo) {
+            if let Err(undo_err) = self.apply_undo(&undo) {
                 warn!(error = %undo_err, "could not undo a failed batch; the agent repairs the tables when it restarts");
             }
             return Err(e);
@@ -1648,6 +1703,10 @@ impl Dispatcher {
                 self.refcount[old as usize] -= 1;
                 touched.push(old);
             }
+            if old.is_none() && s.prefix.is_host() && plan.reserved > 0 {
+                plan.reserved -= 1;
+                self.reserved_hosts -= 1;
+            }
             match (old, new) {
                 (None, Some(_)) => plan.counts.0 += 1,
                 (Some(_), Some(_)) => plan.counts.1 += 1,
@@ -1665,6 +1724,7 @@ impl Dispatcher {
 
     /// Ends a batch: drops its hold on destinations and says what it did.
     pub fn finish_batch(&mut self, plan: BatchPlan) -> Result<String> {
+        self.reserved_hosts -= plan.reserved;
         for &id in &plan.pins {
             self.refcount[id as usize] -= 1;
         }

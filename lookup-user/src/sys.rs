@@ -196,6 +196,20 @@ pub fn map_delete_batch<K: Copy>(
     Ok(())
 }
 
+/// Deletes `keys` like [`map_delete_batch`], passing over keys that are
+/// not there: for undoing a write that may have stopped part way.
+pub fn map_delete_present<K: Copy>(map: BorrowedFd<'_>, keys: &[K]) -> io::Result<()> {
+    let mut start = 0;
+    while start < keys.len() {
+        match map_delete_batch(map, &keys[start..]) {
+            Ok(()) => return Ok(()),
+            Err((done, e)) if e.raw_os_error() == Some(libc::ENOENT) => start += done + 1,
+            Err((_, e)) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Ids of the `sk_lookup` programs attached to a network namespace, in the
 /// order they run.
 pub fn sk_lookup_programs(netns: BorrowedFd<'_>) -> io::Result<Vec<u32>> {

@@ -691,10 +691,43 @@ fn a_full_host_table_refuses_and_changes_nothing() {
         assert_eq!((got.retval, got.cookie), (SK_PASS, want), "{ip}");
     }
     // A moved binding still fits: the table is full, not frozen.
-    let mut moved = one_more;
+    let mut moved = one_more.clone();
     moved.prefix = Prefix::new(IpAddr::V4(host(7)), 32).unwrap();
     moved.label = "b".parse().unwrap();
     assert!(apply_merged(&mut d, &[Changes::Bind(moved)])[0].is_ok());
+
+    // Room for two: a batch adding two hosts keeps that room while it is
+    // written in steps, and a bind served between its steps is refused
+    // rather than leaving the batch half applied.
+    let freed = lookup::batch::parse(&format!(
+        "unbind a tcp {} 80\nunbind a tcp {} 80\n",
+        host(0),
+        host(1)
+    ))
+    .unwrap();
+    d.apply_batch(freed).expect("unbinds");
+    let two = lookup::batch::parse(&format!(
+        "bind a tcp {} 80\nbind a tcp {} 80\n",
+        host(max),
+        host(max + 1)
+    ))
+    .unwrap();
+    let mut check = d.begin_check(two);
+    assert!(d.check_some(&mut check, usize::MAX).expect("checks"));
+    let mut plan = d.plan_batch(check).expect("fits");
+    let mut between = one_more;
+    between.prefix = Prefix::new(IpAddr::V4(host(max + 2)), 32).unwrap();
+    let e = d
+        .bind(&between)
+        .expect_err("the room is the batch's")
+        .to_string();
+    assert!(e.contains("full"), "{e}");
+    while !plan.is_done() {
+        d.apply_chunk(&mut plan, 1).expect("the batch's step fits");
+    }
+    let summary = d.finish_batch(plan).expect("finish");
+    assert!(summary.contains("2 bound"), "{summary}");
+    assert_eq!(d.binding_count(), max as usize);
     drop(fd);
 }
 
