@@ -231,6 +231,15 @@ fn context(c: &Class) -> SkLookupCtx {
     ctx
 }
 
+/// Rounds of each live-traffic measurement, a quarter second each.
+const ROUNDS: usize = 16;
+
+/// The median of `a[i] / b[i]`: runs measured next to each other are
+/// compared, so drift over the whole measurement cancels.
+fn paired(a: &[f64], b: &[f64]) -> f64 {
+    median(a.iter().zip(b).map(|(a, b)| a / b).collect())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -943,6 +952,12 @@ pub struct TrafficResult {
     pub udp_direct: f64,
     /// See `udp_direct`.
     pub udp_steered: f64,
+    /// Steered against direct without a program, and against direct with
+    /// the dispatcher attached: medians of the ratios of runs measured one
+    /// after the other.
+    pub tcp_ratios: (f64, f64),
+    /// See `tcp_ratios`.
+    pub udp_ratios: (f64, f64),
     /// Bindings the dispatcher held while steering.
     pub bindings: usize,
     /// Binding changes per second the agent absorbed during the churn run.
@@ -1176,7 +1191,7 @@ pub fn traffic(
     let udp = |c: &std::net::UdpSocket| rate(0.25, || udp_exchange(c, "A"));
     let (mut tcp_direct, mut tcp_steered, mut tcp_attached) = (Vec::new(), Vec::new(), Vec::new());
     let (mut udp_direct, mut udp_steered, mut udp_attached) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..10 {
+    for _ in 0..ROUNDS {
         tcp_direct.push(tcp(&plain, plain_tcp)?);
         tcp_steered.push(tcp(&steering, steered_tcp)?);
         tcp_attached.push(tcp(&steering, direct_tcp)?);
@@ -1249,6 +1264,14 @@ pub fn traffic(
         .map_err(|_| anyhow::anyhow!("churn thread panicked"))??;
     let med = median;
     Ok(TrafficResult {
+        tcp_ratios: (
+            paired(&tcp_steered, &tcp_direct),
+            paired(&tcp_steered, &tcp_attached),
+        ),
+        udp_ratios: (
+            paired(&udp_steered, &udp_direct),
+            paired(&udp_steered, &udp_attached),
+        ),
         tcp_direct: med(tcp_direct),
         tcp_attached: med(tcp_attached),
         tcp_steered: med(tcp_steered),
@@ -1333,11 +1356,26 @@ fn unshare_net() -> Result<()> {
     Ok(())
 }
 
+/// UDP through the floor program: exchanges per second (medians) and the
+/// paired ratios.
+pub struct FloorResult {
+    /// No program in the namespace.
+    pub none: f64,
+    /// Direct, with the floor program attached.
+    pub attached: f64,
+    /// Steered by the floor program.
+    pub steered: f64,
+    /// Median of steered / none, run by run.
+    pub steered_vs_none: f64,
+    /// Median of steered / attached, run by run.
+    pub steered_vs_attached: f64,
+}
+
 /// UDP request/response rates through the floor program (one sockmap
 /// assign for port 53, nothing else), set up like [`traffic`]: without a
 /// program, direct with the floor attached, and steered by it, alternating.
 /// Separates the hook's cost from the dispatcher's.
-pub fn udp_floor() -> Result<(f64, f64, f64)> {
+pub fn udp_floor() -> Result<FloorResult> {
     pin_to_cpu0()?;
     let _plain = Netns::new()?;
     let (_plain_server, _) = udp_server("A")?;
@@ -1361,21 +1399,28 @@ pub fn udp_floor() -> Result<(f64, f64, f64)> {
     let direct = udp_client(SocketAddr::new(SERVER_IP.into(), port))?;
     let steered = udp_client("198.51.101.7:53".parse()?)?;
     let (mut none, mut d, mut st) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..10 {
+    for _ in 0..ROUNDS {
         none.push(rate(0.25, || udp_exchange(&plain, "A"))?);
         st.push(rate(0.25, || udp_exchange(&steered, "A"))?);
         d.push(rate(0.25, || udp_exchange(&direct, "A"))?);
     }
     unpin()?;
-    Ok((median(none), median(d), median(st)))
+    Ok(FloorResult {
+        steered_vs_none: paired(&st, &none),
+        steered_vs_attached: paired(&st, &d),
+        none: median(none),
+        attached: median(d),
+        steered: median(st),
+    })
 }
 
 /// The traffic figures as a report.
 pub fn traffic_report(r: &TrafficResult) -> String {
     format!(
-        "Live traffic on loopback, one client, everything pinned to one CPU; medians of 10 \
-         quarter-second runs of each, alternating: the same servers in a namespace without a \
-         program, and in the dispatcher's namespace reached at their own address and steered\n\n\
+        "Live traffic on loopback, one client, everything pinned to one CPU; {} quarter-second \
+         runs of each, alternating: the same servers in a namespace without a program, and in \
+         the dispatcher's namespace reached at their own address and steered. Rates are medians; \
+         ratios are medians of the ratios of runs made one after the other\n\n\
          | figure | direct, no program | direct, dispatcher attached | steered ({} bindings) | steered / direct, no program | steered / direct, attached |\n\
          |---|---:|---:|---:|---:|---:|\n\
          | TCP connections per second | {:.0} | {:.0} | {:.0} | {:.3}x | {:.3}x |\n\
@@ -1390,17 +1435,18 @@ pub fn traffic_report(r: &TrafficResult) -> String {
          | misdirected connections | {} |\n\
          | failed connections to unchanged bindings | {} |\n\
          | failed connections to changing bindings | {} |\n",
+        ROUNDS,
         r.bindings,
         r.tcp_direct,
         r.tcp_attached,
         r.tcp_steered,
-        r.tcp_steered / r.tcp_direct,
-        r.tcp_steered / r.tcp_attached,
+        r.tcp_ratios.0,
+        r.tcp_ratios.1,
         r.udp_direct,
         r.udp_attached,
         r.udp_steered,
-        r.udp_steered / r.udp_direct,
-        r.udp_steered / r.udp_attached,
+        r.udp_ratios.0,
+        r.udp_ratios.1,
         r.churn_changes,
         r.churn_rate,
         r.churn_connections.0,

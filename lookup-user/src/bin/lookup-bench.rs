@@ -142,13 +142,12 @@ fn main() -> ExitCode {
                 args.churn_seconds,
             )?;
             println!("{}", bench::traffic_report(&r));
-            let (none, direct, steered) = bench::udp_floor()?;
+            let f = bench::udp_floor()?;
             println!(
-                "UDP through the floor program (one sockmap assign, same setup): no program {none:.0}/s, \
-                 direct with it attached {direct:.0}/s, steered {steered:.0}/s; steered / no program \
-                 {:.3}x, steered / direct {:.3}x\n",
-                steered / none,
-                steered / direct
+                "UDP through the floor program (one sockmap assign, same setup): no program {:.0}/s, \
+                 direct with it attached {:.0}/s, steered {:.0}/s; steered / no program {:.3}x, \
+                 steered / direct {:.3}x\n",
+                f.none, f.attached, f.steered, f.steered_vs_none, f.steered_vs_attached
             );
             let _ = std::fs::remove_file(scratch.path().join("traffic.sock"));
         }
