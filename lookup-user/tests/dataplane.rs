@@ -49,6 +49,42 @@ fn server(family: Family, protocol: Protocol) -> (OwnedFd, u64) {
     (fd, cookie)
 }
 
+/// A dispatcher in a network namespace and bpffs of its own; `None` (and
+/// the test passes) without root, as `require_root` says.
+fn lab() -> Option<(NetNs, BpfFs, Dispatcher)> {
+    if !require_root() {
+        return None;
+    }
+    let ns = NetNs::new(&[]);
+    let fs = BpfFs::new();
+    let d = Dispatcher::open_or_create(Path::new("/proc/thread-self/ns/net"), fs.path())
+        .expect("open dispatcher");
+    Some((ns, fs, d))
+}
+
+/// The cookie of each label's socket per family and protocol.
+type Cookies = HashMap<(Label, Family, Protocol), u64>;
+
+/// Registers a socket of every family and protocol for each label: the
+/// sockets to keep open, and their cookies.
+fn serve_labels(d: &mut Dispatcher, labels: &[Label]) -> (Vec<OwnedFd>, Cookies) {
+    let mut keep = Vec::new();
+    let mut cookies = HashMap::new();
+    for label in labels {
+        for family in [Family::Ipv4, Family::Ipv6] {
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                let (fd, cookie) = server(family, protocol);
+                let copy = fd.try_clone().expect("dup");
+                d.register(label, vec![(copy, format!("{label} {family} {protocol}"))])
+                    .expect("register");
+                cookies.insert((label.clone(), family, protocol), cookie);
+                keep.push(fd);
+            }
+        }
+    }
+    (keep, cookies)
+}
+
 fn v4_pool(rng: &mut Rng) -> Ipv4Addr {
     Ipv4Addr::new(
         10,
@@ -131,7 +167,7 @@ fn check_lookups(
     rng: &mut Rng,
     d: &Dispatcher,
     prog: &SkLookup,
-    cookies: &HashMap<(Label, Family, Protocol), u64>,
+    cookies: &Cookies,
     rounds: usize,
 ) -> (usize, usize, usize) {
     let sorted = d.bindings();
@@ -183,13 +219,9 @@ fn check_lookups(
 
 #[test]
 fn data_plane_matches_precedence_order() {
-    if !require_root() {
+    let Some((_ns, _fs, mut d)) = lab() else {
         return;
-    }
-    let _ns = NetNs::new(&[]);
-    let fs = BpfFs::new();
-    let mut d = Dispatcher::open_or_create(Path::new("/proc/thread-self/ns/net"), fs.path())
-        .expect("open dispatcher");
+    };
     let prog = SkLookup::from_pin(d.location().dir.join("program")).expect("pinned program");
 
     // Labels a..d have a socket of every family and protocol; "nosock" has none.
@@ -197,20 +229,7 @@ fn data_plane_matches_precedence_order() {
         .iter()
         .map(|l| l.parse().unwrap())
         .collect();
-    let mut keep = Vec::new();
-    let mut cookies = HashMap::new();
-    for label in &labels[..4] {
-        for family in [Family::Ipv4, Family::Ipv6] {
-            for protocol in [Protocol::Tcp, Protocol::Udp] {
-                let (fd, cookie) = server(family, protocol);
-                let copy = fd.try_clone().expect("dup");
-                d.register(label, vec![(copy, format!("{label} {family} {protocol}"))])
-                    .expect("register");
-                cookies.insert((label.clone(), family, protocol), cookie);
-                keep.push(fd);
-            }
-        }
-    }
+    let (keep, cookies) = serve_labels(&mut d, &labels[..4]);
 
     let mut totals = (0, 0, 0);
     for seed in [1u64, 2, 3, 0x5eed] {
@@ -347,32 +366,15 @@ fn merged_groups_act_as_requests_in_order() {
         binding::Selector,
         churn::{Changes, apply_merged},
     };
-    if !require_root() {
+    let Some((_ns, _fs, mut d)) = lab() else {
         return;
-    }
-    let _ns = NetNs::new(&[]);
-    let fs = BpfFs::new();
-    let mut d = Dispatcher::open_or_create(Path::new("/proc/thread-self/ns/net"), fs.path())
-        .expect("open dispatcher");
+    };
     let prog = SkLookup::from_pin(d.location().dir.join("program")).expect("pinned program");
     let labels: Vec<Label> = ["a", "b", "c", "nosock"]
         .iter()
         .map(|l| l.parse().unwrap())
         .collect();
-    let mut keep = Vec::new();
-    let mut cookies = HashMap::new();
-    for label in &labels[..3] {
-        for family in [Family::Ipv4, Family::Ipv6] {
-            for protocol in [Protocol::Tcp, Protocol::Udp] {
-                let (fd, cookie) = server(family, protocol);
-                let copy = fd.try_clone().expect("dup");
-                d.register(label, vec![(copy, format!("{label} {family} {protocol}"))])
-                    .expect("register");
-                cookies.insert((label.clone(), family, protocol), cookie);
-                keep.push(fd);
-            }
-        }
-    }
+    let (keep, cookies) = serve_labels(&mut d, &labels[..3]);
 
     // The model: bindings by selector, changed one request at a time.
     type Model = HashMap<Selector, Label>;
@@ -545,13 +547,9 @@ fn merged_groups_act_as_requests_in_order() {
 #[test]
 fn a_failing_group_falls_back_to_one_by_one() {
     use lookup::churn::{Changes, apply_merged};
-    if !require_root() {
+    let Some((_ns, _fs, mut d)) = lab() else {
         return;
-    }
-    let _ns = NetNs::new(&[]);
-    let fs = BpfFs::new();
-    let mut d = Dispatcher::open_or_create(Path::new("/proc/thread-self/ns/net"), fs.path())
-        .expect("open dispatcher");
+    };
     let limit = lookup_common::MAX_DESTINATIONS as usize;
     let requests: Vec<Changes> = (0..limit + 5)
         .map(|i| {
@@ -613,13 +611,9 @@ fn a_failing_group_falls_back_to_one_by_one() {
 #[test]
 fn a_refused_batch_names_its_first_bad_line() {
     use lookup::churn::{Changes, apply_merged};
-    if !require_root() {
+    let Some((_ns, _fs, mut d)) = lab() else {
         return;
-    }
-    let _ns = NetNs::new(&[]);
-    let fs = BpfFs::new();
-    let mut d = Dispatcher::open_or_create(Path::new("/proc/thread-self/ns/net"), fs.path())
-        .expect("open dispatcher");
+    };
     // Line 2 (a host) sorts before line 1 (a /8); line 3 is fine.
     let text = "unbind a tcp 10.0.0.0/8 80\nunbind a tcp 10.0.0.1 80\nbind a tcp 10.0.0.2 80\n";
     let parse = || lookup::batch::parse(text).expect("parses");
@@ -638,13 +632,9 @@ fn a_refused_batch_names_its_first_bad_line() {
 #[test]
 fn a_full_host_table_refuses_and_changes_nothing() {
     use lookup::churn::{Changes, apply_merged};
-    if !require_root() {
+    let Some((_ns, _fs, mut d)) = lab() else {
         return;
-    }
-    let _ns = NetNs::new(&[]);
-    let fs = BpfFs::new();
-    let mut d = Dispatcher::open_or_create(Path::new("/proc/thread-self/ns/net"), fs.path())
-        .expect("open dispatcher");
+    };
     let prog = SkLookup::from_pin(d.location().dir.join("program")).expect("pinned program");
     let label: Label = "a".parse().unwrap();
     let (fd, cookie) = server(Family::Ipv4, Protocol::Tcp);
@@ -738,13 +728,9 @@ fn a_full_host_table_refuses_and_changes_nothing() {
 /// whatever happened in between, as if the batch came last.
 #[test]
 fn a_batch_does_not_remove_what_others_moved_meanwhile() {
-    if !require_root() {
+    let Some((_ns, _fs, mut d)) = lab() else {
         return;
-    }
-    let _ns = NetNs::new(&[]);
-    let fs = BpfFs::new();
-    let mut d = Dispatcher::open_or_create(Path::new("/proc/thread-self/ns/net"), fs.path())
-        .expect("open dispatcher");
+    };
     let b = |label: &str, prefix: &str| Binding {
         label: label.parse().unwrap(),
         protocol: Protocol::Tcp,

@@ -400,14 +400,9 @@ fn concurrent_clients_each_get_their_own_answer() {
     }
     let lab = Lab::new(&["192.0.2.0/24"]);
     let web = TcpEcho::new("web", "127.0.0.1:0");
-    lab.ctl_ok(&[
-        "register-pid",
-        &std::process::id().to_string(),
-        "web",
-        "tcp",
-        "127.0.0.1",
-        &web.addr().port().to_string(),
-    ]);
+    let me = std::process::id().to_string();
+    lab.register_pid(&me, "web", Proto::Tcp, "127.0.0.1", web.addr().port())
+        .ok();
     let control = lab.control().to_str().expect("utf-8").to_owned();
     const CLIENTS: u8 = 16;
     const HOSTS: u8 = 12;
