@@ -122,7 +122,9 @@ impl Queue {
         if self.0.send(Msg::Job(Job { changes, reply })).await.is_err() {
             return stopped();
         }
-        outcome.await.unwrap_or_else(|_| stopped())
+        let response = outcome.await.unwrap_or_else(|_| stopped());
+        log(&response);
+        response
     }
 }
 
@@ -406,18 +408,22 @@ impl From<dispatcher::Error> for Refusal {
     }
 }
 
+/// The answer to a request. It is logged by whoever waits for it, not by
+/// the writer, which has the next request to write.
 fn answer(outcome: Result<String, impl Into<String>>) -> Response {
     match outcome.map_err(Into::into) {
-        Ok(message) => {
-            info!("{message}");
-            Response::Done {
-                messages: vec![message],
-            }
-        }
-        Err(message) => {
-            warn!(error = %message, "request refused");
-            Response::Error { message }
-        }
+        Ok(message) => Response::Done {
+            messages: vec![message],
+        },
+        Err(message) => Response::Error { message },
+    }
+}
+
+fn log(response: &Response) {
+    match response {
+        Response::Done { messages } => messages.iter().for_each(|m| info!("{m}")),
+        Response::Error { message } => warn!(error = %message, "request refused"),
+        _ => {}
     }
 }
 
