@@ -342,7 +342,8 @@ impl<'de> Deserialize<'de> for Prefix {
     }
 }
 
-/// A label: 1..=255 bytes of UTF-8 without control characters.
+/// A label: 1..=255 bytes of UTF-8 without control characters, whitespace
+/// or `#` (so that every label can be written in a batch line).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
 pub struct Label(String);
@@ -372,6 +373,11 @@ impl FromStr for Label {
         }
         if s.chars().any(char::is_control) {
             return err("a label must not contain control characters");
+        }
+        // A batch line is words split by whitespace, with `#` starting a
+        // comment: a label with either could be bound but never named there.
+        if s.chars().any(|c| c.is_whitespace() || c == '#') {
+            return err("a label must not contain whitespace or '#'");
         }
         Ok(Self(s.to_owned()))
     }
@@ -613,6 +619,12 @@ mod tests {
         assert!("a".repeat(255).parse::<Label>().is_ok());
         assert!("a\nb".parse::<Label>().is_err());
         assert!("a\0b".parse::<Label>().is_err());
+        // Every label can be written in a batch line.
+        for bad in ["a b", "a\u{a0}b", "a#b", "#a"] {
+            let e = bad.parse::<Label>().unwrap_err().to_string();
+            assert!(e.contains("whitespace or '#'"), "{bad:?}: {e}");
+        }
+        assert!("café-ünïcode_1.2".parse::<Label>().is_ok());
     }
 
     fn b(label: &str, proto: &str, prefix: &str, port: u16) -> Binding {

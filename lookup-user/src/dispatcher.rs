@@ -762,7 +762,7 @@ impl Dispatcher {
         d.reload()?;
         info!(
             dir = %d.location.dir.display(),
-            bindings = d.bindings.len(),
+            bindings = d.binding_count(),
             destinations = d.by_destination.len(),
             "opened dispatcher"
         );

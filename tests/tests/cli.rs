@@ -38,6 +38,9 @@ fn invalid_input_names_the_input_and_changes_nothing() {
         (vec!["bind", "web", "sctp", "10.0.0.1", "80"], "sctp"),
         (vec!["bind", "", "tcp", "10.0.0.1", "80"], "label"),
         (vec!["bind", &long, "tcp", "10.0.0.1", "80"], "label"),
+        // A label no batch line could name.
+        (vec!["bind", "a b", "tcp", "10.0.0.1", "80"], "\"a b\""),
+        (vec!["bind", "a#b", "tcp", "10.0.0.1", "80"], "\"a#b\""),
         // Host bits set: the hint names the prefix to use.
         (vec!["bind", "web", "tcp", "10.0.0.1/8", "80"], "10.0.0.0/8"),
         (
