@@ -353,6 +353,14 @@ impl Label {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// A label read back from pinned state: what an earlier lookupd
+    /// accepted (1 to 255 bytes without control characters; whitespace and
+    /// `#` were allowed then), so its bindings are never orphaned.
+    pub fn from_stored(s: &str) -> Option<Self> {
+        (!s.is_empty() && s.len() <= MAX_LABEL_LEN && !s.chars().any(char::is_control))
+            .then(|| Self(s.to_owned()))
+    }
 }
 
 impl FromStr for Label {

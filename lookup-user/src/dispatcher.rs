@@ -293,7 +293,7 @@ impl Destination {
         }
         let label = std::str::from_utf8(&r.label[..usize::from(r.label_len)]).ok()?;
         Some(Self {
-            label: label.parse().ok()?,
+            label: Label::from_stored(label)?,
             family: Family::from_number(r.family)?,
             protocol: Protocol::from_number(r.protocol)?,
         })
@@ -325,14 +325,26 @@ pub struct BatchCheck {
     batch: crate::batch::Batch,
     total: usize,
     next: usize,
-    /// Net change per binding: the label it gets, and the destination it
-    /// had when checked.
-    net: Vec<(Selector, Option<u32>, Option<u32>)>,
+    /// Net change per binding: the label it gets, the destination (and its
+    /// generation) it had when checked, and whether it adds a host.
+    net: Vec<NetChange>,
     new_hosts: usize,
     /// The refused change with the earliest line so far: changes are
     /// checked in precedence order, and the error names the first bad line
     /// of the input.
     refused: Option<(u32, Error)>,
+}
+
+/// The net change a batch makes to one binding.
+#[derive(Debug, Clone, Copy)]
+struct NetChange {
+    selector: Selector,
+    /// The label (index into the batch's) it gets, or `None`: removed.
+    label: Option<u32>,
+    /// The destination it had when checked, and that id's generation.
+    from: Option<(u32, u64)>,
+    /// Adds a host binding where there was none: takes a reserved slot.
+    new_host: bool,
 }
 
 /// A checked batch, ready to apply in chunks: its net changes in a safe
@@ -341,10 +353,13 @@ pub struct BatchCheck {
 pub struct BatchPlan {
     total: usize,
     changes: Vec<(Selector, Option<u32>)>,
-    /// For each removal, the destination it was checked against: it is
-    /// applied only if the binding still has it (see
+    /// For each removal, the destination (and generation) it was checked
+    /// against: it is applied only if the binding still has it (see
     /// [`Dispatcher::apply_chunk`]).
-    removing: rustc_hash::FxHashMap<Selector, u32>,
+    removing: rustc_hash::FxHashMap<Selector, (u32, u64)>,
+    /// Which of `changes` add a host that was not there when checked: each
+    /// holds a reserved slot in the host table until it is applied.
+    new_host: Vec<bool>,
     /// Host entries this batch will still add, reserved in the table.
     reserved: usize,
     pins: Vec<u32>,
@@ -451,6 +466,9 @@ pub struct Dispatcher {
     destinations: Vec<Option<Destination>>,
     by_destination: StdHashMap<Destination, u32>,
     refcount: Vec<u32>,
+    /// Bumped each time an id is given to a destination: an id checked
+    /// earlier names the same destination only if its generation is the same.
+    generation: Vec<u64>,
 }
 
 fn lock(file: File, path: &Path, arg: nix::fcntl::FlockArg) -> Result<Flock<File>> {
@@ -758,6 +776,7 @@ impl Dispatcher {
             destinations: vec![None; MAX_DESTINATIONS as usize],
             by_destination: StdHashMap::new(),
             refcount: vec![0; MAX_DESTINATIONS as usize],
+            generation: vec![0; MAX_DESTINATIONS as usize],
         };
         d.reload()?;
         info!(
@@ -1131,6 +1150,9 @@ impl Dispatcher {
         let mut free = None;
         for id in 0..MAX_DESTINATIONS {
             match &self.destinations[id as usize] {
+                // Never an id bindings still use, even one whose record
+                // could not be read back.
+                _ if self.refcount[id as usize] > 0 => {}
                 None => {
                     free = Some(id);
                     break;
@@ -1167,6 +1189,7 @@ impl Dispatcher {
             .set(id, dest.record(), 0)
             .map_err(map_err("cannot record destination"))?;
         self.destinations[id as usize] = Some(dest.clone());
+        self.generation[id as usize] += 1;
         self.by_destination.insert(dest.clone(), id);
         debug!(id, label = %dest.label, family = %dest.family, protocol = %dest.protocol, "allocated destination");
         Ok((id, true))
@@ -1339,10 +1362,27 @@ impl Dispatcher {
             .set(&selector.key(), selector.prefix.len(), previous, &mut undo);
         // The undo recomputes from the old bindings; writes the failed
         // attempt never made are rewrites of the same values.
-        if let Err(undo_err) = self.apply(&undo) {
+        if let Err(undo_err) = self.apply_undo(&undo) {
             warn!(error = %undo_err, %selector, "could not undo a failed change; the agent repairs the tables when it restarts");
         }
+        self.scrub_freed_tables(ops);
         Err(e)
+    }
+
+    /// After an undo: the port entries a failed write meant to delete, of
+    /// tables that are free now. The write may have stopped before them,
+    /// and a free table must be empty before another prefix takes it.
+    fn scrub_freed_tables(&mut self, failed: &[Op]) {
+        let stale: Vec<PortKey> = failed
+            .iter()
+            .filter_map(|op| match op {
+                Op::PortDel(k) if self.tables.is_free(k.table) => Some(*k),
+                _ => None,
+            })
+            .collect();
+        if let Err(e) = sys::map_delete_present(self.ports_fd.as_fd(), &stale) {
+            warn!(error = %e, "could not clear a freed port table; the agent repairs the tables when it restarts");
+        }
     }
 
     /// Refuses changes once the pinned state has been removed under a
@@ -1492,17 +1532,20 @@ impl Dispatcher {
                 {
                     check.new_hosts += 1;
                 }
-                check.net.push((
-                    sel,
-                    match state {
+                check.net.push(NetChange {
+                    selector: sel,
+                    label: match state {
                         Bound::Batch(l) => Some(l),
                         _ => None,
                     },
-                    match initially {
-                        Bound::Now(id) => Some(id),
+                    from: match initially {
+                        Bound::Now(id) => Some((id, self.generation[id as usize])),
                         _ => None,
                     },
-                ));
+                    new_host: sel.prefix.is_host()
+                        && initially == Bound::Nothing
+                        && matches!(state, Bound::Batch(_)),
+                });
             }
         }
         check.next = batch.changes.len();
@@ -1543,7 +1586,12 @@ impl Dispatcher {
         // Destinations for every label bound; any allocated here and left
         // unused by a failure are freed again by `unpin`.
         let mut ids: StdHashMap<(u32, Family, Protocol), u32> = StdHashMap::new();
-        for &(sel, label, _) in &net {
+        for &NetChange {
+            selector: sel,
+            label,
+            ..
+        } in &net
+        {
             let Some(label) = label else { continue };
             let key = (label, sel.prefix.family(), sel.protocol);
             if ids.contains_key(&key) {
@@ -1573,15 +1621,20 @@ impl Dispatcher {
         // `net` is in precedence order. Additions go most specific first,
         // removals least specific first: at every step a connection goes
         // where the old or the new rules send it.
-        let (adds, removes): (Vec<_>, Vec<_>) = net.into_iter().partition(|(_, l, _)| l.is_some());
+        let (adds, removes): (Vec<_>, Vec<_>) = net.into_iter().partition(|c| c.label.is_some());
         let removing = removes
             .iter()
-            .filter_map(|&(s, _, from)| Some((s, from?)))
+            .filter_map(|c| Some((c.selector, c.from?)))
+            .collect();
+        let new_host: Vec<bool> = adds
+            .iter()
+            .map(|c| c.new_host)
+            .chain(removes.iter().map(|_| false))
             .collect();
         let changes: Vec<(Selector, Option<u32>)> = adds
             .into_iter()
-            .map(|(s, l, _)| (s, new_id(&s, l)))
-            .chain(removes.into_iter().rev().map(|(s, _, _)| (s, None)))
+            .map(|c| (c.selector, new_id(&c.selector, c.label)))
+            .chain(removes.into_iter().rev().map(|c| (c.selector, None)))
             .collect();
         drop(batch);
         if self.hosts_count() + self.reserved_hosts + new_hosts
@@ -1597,6 +1650,7 @@ impl Dispatcher {
             total,
             changes,
             removing,
+            new_host,
             reserved: {
                 self.reserved_hosts += new_hosts;
                 new_hosts
@@ -1631,7 +1685,12 @@ impl Dispatcher {
         let chunk: Vec<(Selector, Option<u32>)> = plan.changes[plan.done..end]
             .iter()
             .copied()
-            .filter(|(s, to)| to.is_some() || plan.removing.get(s).copied() == self.bound(s))
+            .filter(|(s, to)| {
+                to.is_some()
+                    || plan.removing.get(s).is_some_and(|&(id, generation)| {
+                        self.bound(s) == Some(id) && self.generation[id as usize] == generation
+                    })
+            })
             .collect();
         let chunk = &chunk[..];
         let mut host_changes: Vec<(BindingKey, Option<u32>)> = Vec::new();
@@ -1679,6 +1738,7 @@ impl Dispatcher {
             if let Err(undo_err) = self.apply_undo(&undo) {
                 warn!(error = %undo_err, "could not undo a failed batch; the agent repairs the tables when it restarts");
             }
+            self.scrub_freed_tables(&ops);
             return Err(e);
         }
 
@@ -1703,16 +1763,17 @@ impl Dispatcher {
                 self.refcount[old as usize] -= 1;
                 touched.push(old);
             }
-            if old.is_none() && s.prefix.is_host() && plan.reserved > 0 {
-                plan.reserved -= 1;
-                self.reserved_hosts -= 1;
-            }
             match (old, new) {
                 (None, Some(_)) => plan.counts.0 += 1,
                 (Some(_), Some(_)) => plan.counts.1 += 1,
                 _ => plan.counts.2 += 1,
             }
         }
+        // The slots reserved for this step's new hosts are used (or, where
+        // another request bound the host meanwhile, no longer needed).
+        let used = plan.new_host[plan.done..end].iter().filter(|&&n| n).count();
+        plan.reserved -= used;
+        self.reserved_hosts -= used;
         plan.done = end;
         touched.sort_unstable();
         touched.dedup();

@@ -224,6 +224,11 @@ impl Tables {
         self.spaces.values().map(BTreeMap::len).sum()
     }
 
+    /// Whether no prefix holds table `table`.
+    pub fn is_free(&self, table: u32) -> bool {
+        table >= self.next_table || self.free.contains(&table)
+    }
+
     fn alloc_table(&mut self) -> u32 {
         if let Some(id) = self.free.pop_first() {
             return id;

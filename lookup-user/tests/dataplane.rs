@@ -770,3 +770,174 @@ fn a_batch_does_not_remove_what_others_moved_meanwhile() {
         ]
     );
 }
+
+fn tcp80(label: &str, prefix: &str) -> Binding {
+    Binding {
+        label: label.parse().unwrap(),
+        protocol: Protocol::Tcp,
+        prefix: prefix.parse().unwrap(),
+        port: 80,
+    }
+}
+
+fn sorted_bindings(d: &Dispatcher) -> Vec<String> {
+    let mut v: Vec<String> = d.bindings().iter().map(ToString::to_string).collect();
+    v.sort();
+    v
+}
+
+/// The removal guard holds even when the label the batch checked against
+/// loses its last binding meanwhile and its destination id goes to another
+/// label: ids are compared with their generation.
+#[test]
+fn a_batch_removal_is_not_fooled_by_a_reused_destination() {
+    let Some((_ns, _fs, mut d)) = lab() else {
+        return;
+    };
+    for p in ["10.0.0.1", "10.9.0.0/16"] {
+        d.bind(&tcp80("a", p)).unwrap();
+    }
+    let batch = lookup::batch::parse(
+        "unbind a tcp 10.0.0.1 80\nunbind a tcp 10.9.0.0/16 80\nbind c tcp 10.0.0.3 80\n",
+    )
+    .unwrap();
+    let mut check = d.begin_check(batch);
+    assert!(d.check_some(&mut check, usize::MAX).unwrap());
+    let mut plan = d.plan_batch(check).unwrap();
+    // Another client frees label a's id, and z gets it.
+    for p in ["10.0.0.1", "10.9.0.0/16"] {
+        d.unbind(&tcp80("a", p)).unwrap();
+    }
+    for p in ["10.0.0.1", "10.9.0.0/16"] {
+        d.bind(&tcp80("z", p)).unwrap();
+    }
+    while !plan.is_done() {
+        d.apply_chunk(&mut plan, 1).unwrap();
+    }
+    d.finish_batch(plan).unwrap();
+    assert_eq!(
+        sorted_bindings(&d),
+        [
+            "tcp 10.0.0.1/32 port 80 -> z",
+            "tcp 10.0.0.3/32 port 80 -> c",
+            "tcp 10.9.0.0/16 port 80 -> z"
+        ]
+    );
+}
+
+/// A label an earlier lookupd accepted (with a space) is read back from the
+/// pinned state with its bindings, and its destination is never handed to
+/// another label.
+#[test]
+fn labels_pinned_by_an_earlier_agent_keep_their_bindings() {
+    use aya::maps::{Array, Map, MapData};
+    use lookup_common::{DestinationRecord, map_names};
+    let Some((_ns, fs, mut d)) = lab() else {
+        return;
+    };
+    d.bind(&tcp80("ab", "10.0.0.1")).unwrap();
+    let dir = d.location().dir.clone();
+    drop(d);
+    // What an earlier lookupd wrote for `bind "a b" ...`.
+    let data = MapData::from_pin(dir.join(map_names::DESTINATIONS)).unwrap();
+    let mut records: Array<MapData, DestinationRecord> = Map::Array(data).try_into().unwrap();
+    let mut r = records.get(&0, 0).unwrap();
+    r.label[..3].copy_from_slice(b"a b");
+    r.label_len = 3;
+    records.set(0, r, 0).unwrap();
+    drop(records);
+    let mut d = Dispatcher::open_or_create(Path::new("/proc/thread-self/ns/net"), fs.path())
+        .expect("reopen");
+    assert_eq!(sorted_bindings(&d), ["tcp 10.0.0.1/32 port 80 -> a b"]);
+    d.bind(&tcp80("new", "10.0.0.2")).unwrap();
+    assert_eq!(
+        sorted_bindings(&d),
+        [
+            "tcp 10.0.0.1/32 port 80 -> a b",
+            "tcp 10.0.0.2/32 port 80 -> new"
+        ]
+    );
+}
+
+/// A step that fails part way is undone. Where the step removed a prefix
+/// and the undo brings it back under another table, the old table is
+/// emptied before it is free for the next new prefix.
+#[test]
+fn an_undone_step_leaves_no_stale_port_entries() {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use lookup_common::{BindingKey, HostValue, map_names};
+    let Some((_ns, _fs, mut d)) = lab() else {
+        return;
+    };
+    let prog = SkLookup::from_pin(d.location().dir.join("program")).expect("pinned program");
+    let labels: Vec<Label> = ["a", "r"].iter().map(|l| l.parse().unwrap()).collect();
+    let (keep, cookies) = serve_labels(&mut d, &labels);
+    // Table 0 for 20.1/16, table 1 for 20.2/16 (port 80 -> a); 0 freed.
+    d.bind(&tcp80("a", "20.1.0.0/16")).unwrap();
+    d.bind(&tcp80("a", "20.2.0.0/16")).unwrap();
+    d.unbind(&tcp80("a", "20.1.0.0/16")).unwrap();
+    // The host map one entry short of full, then filled from outside, so
+    // the next host write fails in the kernel.
+    let max = lookup_common::MAX_BINDINGS;
+    let host = |i: u32| Ipv4Addr::from(0x0a00_0000 + i);
+    let text: String = (0..max - 1)
+        .map(|i| format!("bind a tcp {} 80\n", host(i)))
+        .collect();
+    d.apply_batch(lookup::batch::parse(&text).unwrap()).unwrap();
+    drop(text);
+    let data = MapData::from_pin(d.location().dir.join(map_names::HOSTS)).unwrap();
+    let mut hosts: BpfHashMap<MapData, BindingKey, HostValue> =
+        Map::HashMap(data).try_into().unwrap();
+    let mut outsider = BindingKey {
+        protocol: 17,
+        family: 2,
+        port: [0, 0],
+        addr: [0; 16],
+    };
+    outsider.addr[..4].copy_from_slice(&[203, 0, 113, 1]);
+    let value = HostValue {
+        default_destination: lookup_common::NO_DESTINATION,
+        more: 0,
+        ports: [0; lookup_common::HOST_INLINE_PORTS],
+        destinations: [0; lookup_common::HOST_INLINE_PORTS],
+    };
+    hosts.insert(outsider, value, 0).unwrap();
+    // One step: a new host (which fails) and the removal of 20.2/16.
+    let batch = lookup::batch::parse(&format!(
+        "bind a tcp {} 80\nunbind a tcp 20.2.0.0/16 80\n",
+        host(max)
+    ))
+    .unwrap();
+    let mut check = d.begin_check(batch);
+    assert!(d.check_some(&mut check, usize::MAX).unwrap());
+    let mut plan = d.plan_batch(check).unwrap();
+    d.apply_chunk(&mut plan, usize::MAX)
+        .expect_err("the host write fails");
+    d.finish_batch(plan).unwrap();
+    hosts.remove(&outsider).unwrap();
+    assert!(
+        sorted_bindings(&d).contains(&"tcp 20.2.0.0/16 port 80 -> a".to_string()),
+        "the failed step was undone"
+    );
+    // A new prefix with a port 0 binding only: port 80 must go to r.
+    d.bind(&Binding {
+        port: 0,
+        ..tcp80("r", "30.0.0.0/8")
+    })
+    .unwrap();
+    let fd = prog.fd().expect("program fd");
+    for (ip, want) in [("30.0.0.1", "r"), ("20.2.0.1", "a")] {
+        let got = sys::sk_lookup_test_run(
+            fd.as_fd(),
+            &context(Protocol::Tcp, ip.parse().unwrap(), 80),
+            1,
+        )
+        .unwrap();
+        assert_eq!(
+            got.cookie,
+            cookies[&(want.parse().unwrap(), Family::Ipv4, Protocol::Tcp)],
+            "{ip}:80 must go to {want}"
+        );
+    }
+    drop(keep);
+}
