@@ -105,18 +105,32 @@ fn classes() -> Vec<Class> {
     ]
 }
 
-/// xorshift64*, so every run measures the same tables.
-struct Rng(u64);
+/// xorshift64*: deterministic, so every run measures the same tables and a
+/// failing test names a seed that reproduces it. The seed must not be 0.
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    /// The next number.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+
+    /// A number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// An index below `n`.
+    pub fn index(&mut self, n: usize) -> usize {
+        self.below(n as u64) as usize
+    }
+
+    /// One of `items`.
+    pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.index(items.len())]
     }
 }
 
@@ -156,15 +170,16 @@ fn filler(rng: &mut Rng) -> Binding {
         }
         (true, false) => (
             IpAddr::V6(Ipv6Addr::from(
-                0x2001_0db8u128 << 96 | u128::from(rng.next()) << 32 >> 32 & ((1u128 << 95) - 1),
+                0x2001_0db8u128 << 96
+                    | u128::from(rng.next_u64()) << 32 >> 32 & ((1u128 << 95) - 1),
             )),
             128,
         ),
         (true, true) => {
             let len = 48 + rng.below(77) as u8;
             let a = 0x2001_0db8_8000u128 << 80
-                | u128::from(rng.next()) << 16
-                | u128::from(rng.next() >> 48);
+                | u128::from(rng.next_u64()) << 16
+                | u128::from(rng.next_u64() >> 48);
             (
                 IpAddr::V6(Ipv6Addr::from(a & (u128::MAX << (128 - u32::from(len))))),
                 len,
@@ -172,9 +187,7 @@ fn filler(rng: &mut Rng) -> Binding {
         }
     };
     Binding {
-        label: LABELS[rng.below(LABELS.len() as u64) as usize]
-            .parse()
-            .expect("label"),
+        label: LABELS[rng.index(LABELS.len())].parse().expect("label"),
         protocol,
         prefix: Prefix::new(addr, len).expect("canonical prefix"),
         port,

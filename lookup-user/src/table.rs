@@ -770,18 +770,7 @@ mod tests {
             .map(|(_, &d)| d)
     }
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
+    use crate::bench::Rng;
 
     fn random_addr(rng: &mut Rng, family: u8) -> Bits {
         if family == FAMILY_V4 {

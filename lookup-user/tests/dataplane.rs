@@ -16,6 +16,7 @@ use std::{
 
 use aya::programs::SkLookup;
 use lookup::{
+    bench::Rng,
     binding::{Binding, Family, Label, Prefix, Protocol},
     dispatcher::Dispatcher,
     sys::{self, SkLookupCtx},
@@ -24,24 +25,6 @@ use lookup_tests::{BpfFs, NetNs, require_root};
 
 const SK_PASS: u32 = 1;
 const SK_DROP: u32 = 0;
-
-/// xorshift64*: deterministic, so a failure names a seed that reproduces it.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len())]
-    }
-}
 
 fn server(family: Family, protocol: Protocol) -> (OwnedFd, u64) {
     let fd = lookup::bench::server(family, protocol).expect("server socket");
@@ -88,9 +71,9 @@ fn serve_labels(d: &mut Dispatcher, labels: &[Label]) -> (Vec<OwnedFd>, Cookies)
 fn v4_pool(rng: &mut Rng) -> Ipv4Addr {
     Ipv4Addr::new(
         10,
-        rng.below(3) as u8,
-        rng.below(3) as u8,
-        rng.below(6) as u8,
+        rng.index(3) as u8,
+        rng.index(3) as u8,
+        rng.index(6) as u8,
     )
 }
 
@@ -98,18 +81,18 @@ fn v6_pool(rng: &mut Rng) -> Ipv6Addr {
     Ipv6Addr::new(
         0x2001,
         0xdb8,
-        rng.below(3) as u16,
+        rng.index(3) as u16,
         0,
         0,
         0,
-        rng.below(3) as u16,
-        rng.below(6) as u16,
+        rng.index(3) as u16,
+        rng.index(6) as u16,
     )
 }
 
 fn random_binding(rng: &mut Rng, labels: &[Label]) -> Binding {
     let protocol = rng.pick(&[Protocol::Tcp, Protocol::Udp]);
-    let (addr, len) = if rng.below(2) == 0 {
+    let (addr, len) = if rng.index(2) == 0 {
         (
             IpAddr::V4(v4_pool(rng)),
             rng.pick(&[0u8, 8, 16, 23, 24, 29, 32, 32, 32]),
@@ -130,7 +113,7 @@ fn random_binding(rng: &mut Rng, labels: &[Label]) -> Binding {
         )),
     };
     Binding {
-        label: labels[rng.below(labels.len())].clone(),
+        label: labels[rng.index(labels.len())].clone(),
         protocol,
         prefix: Prefix::new(masked, len).expect("canonical prefix"),
         port: rng.pick(&[0u16, 80, 443, 8080]),
@@ -175,7 +158,7 @@ fn check_lookups(
     let (mut steered, mut dropped, mut passed) = (0, 0, 0);
     for _ in 0..rounds {
         let protocol = rng.pick(&[Protocol::Tcp, Protocol::Udp]);
-        let ip = if rng.below(2) == 0 {
+        let ip = if rng.index(2) == 0 {
             IpAddr::V4(v4_pool(rng))
         } else {
             IpAddr::V6(v6_pool(rng))
@@ -245,7 +228,7 @@ fn data_plane_matches_precedence_order() {
         // Remove a random half, then the rest, checking after each step.
         let mut all = d.bindings();
         for i in (0..all.len()).rev() {
-            if rng.below(2) == 0 {
+            if rng.index(2) == 0 {
                 let b = all.swap_remove(i);
                 d.unbind(&b)
                     .unwrap_or_else(|e| panic!("seed {seed}: unbind {b}: {e}"));
@@ -283,11 +266,11 @@ fn data_plane_matches_precedence_order() {
         check_lookups(seed, &mut rng, &d, &prog, &cookies, 1000);
         let mut second = Vec::new();
         for b in d.bindings() {
-            match rng.below(3) {
+            match rng.index(3) {
                 0 => second.push((false, b)),
                 1 => {
                     let mut moved = b.clone();
-                    moved.label = labels[rng.below(labels.len())].clone();
+                    moved.label = labels[rng.index(labels.len())].clone();
                     second.push((true, moved));
                 }
                 _ => {}
@@ -397,10 +380,10 @@ fn merged_groups_act_as_requests_in_order() {
             // label; binds of random selectors, often ones already bound.
             let pick = |rng: &mut Rng, model: &Model| -> (bool, Binding) {
                 let existing: Vec<_> = model.iter().collect();
-                if !existing.is_empty() && rng.below(2) == 0 {
-                    let (s, l) = existing[rng.below(existing.len())];
-                    let label = if rng.below(5) == 0 {
-                        labels[rng.below(labels.len())].clone()
+                if !existing.is_empty() && rng.index(2) == 0 {
+                    let (s, l) = existing[rng.index(existing.len())];
+                    let label = if rng.index(5) == 0 {
+                        labels[rng.index(labels.len())].clone()
                     } else {
                         l.clone()
                     };
@@ -412,15 +395,15 @@ fn merged_groups_act_as_requests_in_order() {
                     };
                     // Mostly unbinds; the rest rebinds, to the same label or
                     // another.
-                    (rng.below(3) == 0, b)
+                    (rng.index(3) == 0, b)
                 } else {
                     (true, random_binding(rng, &labels))
                 }
             };
             let mut requests = Vec::new();
             let mut expected = Vec::new();
-            for _ in 0..1 + rng.below(40) {
-                match rng.below(3) {
+            for _ in 0..1 + rng.index(40) {
+                match rng.index(3) {
                     0 | 1 => {
                         let (bind, b) = pick(&mut rng, &model);
                         if bind {
@@ -441,7 +424,7 @@ fn merged_groups_act_as_requests_in_order() {
                         let mut staged = model.clone();
                         let mut text = String::new();
                         let mut outcome = Ok("applied".to_string());
-                        for line in 1..=1 + rng.below(6) {
+                        for line in 1..=1 + rng.index(6) {
                             let (bind, b) = pick(&mut rng, &staged);
                             text += &format!(
                                 "{} {} {} {} {}\n",
