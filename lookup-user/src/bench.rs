@@ -554,6 +554,27 @@ fn peak_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// `count` distinct filler bindings from `seed`, as `bind` lines and as
+/// bindings.
+fn filler_batch(seed: u64, count: usize) -> (String, Vec<Binding>) {
+    let mut rng = Rng(seed);
+    let mut seen = std::collections::HashSet::new();
+    let mut text = String::with_capacity(count * 40);
+    let mut bindings = Vec::with_capacity(count);
+    while bindings.len() < count {
+        let b = filler(&mut rng);
+        if seen.insert(b.selector()) {
+            let _ = writeln!(
+                text,
+                "bind {} {} {} {}",
+                b.label, b.protocol, b.prefix, b.port
+            );
+            bindings.push(b);
+        }
+    }
+    (text, bindings)
+}
+
 /// Starts `lookupd` (next to this executable) on a bpffs of its own, feeds
 /// it `count` bindings with `lookupctl apply`, and measures.
 pub fn apply_through_agent(scratch: &Path, bpffs: &Path, count: usize) -> Result<ApplyResult> {
@@ -568,22 +589,7 @@ pub fn apply_through_agent(scratch: &Path, bpffs: &Path, count: usize) -> Result
     let control = scratch.join("lookupd.sock");
     let guard = Agent::start(&bin, bpffs, &control)?;
 
-    let mut rng = Rng(0x00ab_cdef);
-    let mut seen = std::collections::HashSet::new();
-    let mut text = String::with_capacity(count * 40);
-    let mut bindings = Vec::with_capacity(count);
-    while bindings.len() < count {
-        let b = filler(&mut rng);
-        if seen.insert(b.selector()) {
-            writeln!(
-                text,
-                "bind {} {} {} {}",
-                b.label, b.protocol, b.prefix, b.port
-            )?;
-            bindings.push(b);
-        }
-    }
-    drop(seen);
+    let (text, bindings) = filler_batch(0x00ab_cdef, count);
     let file = scratch.join("bindings.txt");
     std::fs::write(&file, &text)?;
     drop(text);
@@ -1159,20 +1165,7 @@ pub fn traffic(
             )
             .map_err(anyhow::Error::msg)?;
     }
-    let mut text = String::new();
-    let mut rng = Rng(0x7e57);
-    let mut seen = std::collections::HashSet::new();
-    while seen.len() < bindings {
-        let b = filler(&mut rng);
-        if seen.insert(b.selector()) {
-            writeln!(
-                text,
-                "bind {} {} {} {}",
-                b.label, b.protocol, b.prefix, b.port
-            )?;
-        }
-    }
-    drop(seen);
+    let (mut text, _) = filler_batch(0x7e57, bindings);
     // Dialled: a stable /24 on C; 4096 hosts in 100.64/20 that move between
     // A and B, under a /16 on C that must never answer for them.
     writeln!(text, "bind C tcp 198.51.100.0/24 80")?;
