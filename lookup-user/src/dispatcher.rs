@@ -328,7 +328,6 @@ pub struct BatchCheck {
     /// Net change per binding: the label it gets, the destination (and its
     /// generation) it had when checked, and whether it adds a host.
     net: Vec<NetChange>,
-    new_hosts: usize,
     /// The refused change with the earliest line so far: changes are
     /// checked in precedence order, and the error names the first bad line
     /// of the input.
@@ -1470,7 +1469,6 @@ impl Dispatcher {
             batch,
             next: 0,
             net: Vec::new(),
-            new_hosts: 0,
             refused: None,
         }
     }
@@ -1526,12 +1524,6 @@ impl Dispatcher {
                 i += 1;
             }
             if name_of(state, self, &batch.labels) != name_of(initially, self, &batch.labels) {
-                if sel.prefix.is_host()
-                    && initially == Bound::Nothing
-                    && matches!(state, Bound::Batch(_))
-                {
-                    check.new_hosts += 1;
-                }
                 check.net.push(NetChange {
                     selector: sel,
                     label: match state {
@@ -1576,11 +1568,7 @@ impl Dispatcher {
     pub fn plan_batch(&mut self, check: BatchCheck) -> Result<BatchPlan> {
         self.ensure_pinned()?;
         let BatchCheck {
-            batch,
-            total,
-            net,
-            new_hosts,
-            ..
+            batch, total, net, ..
         } = check;
 
         // Destinations for every label bound; any allocated here and left
@@ -1636,6 +1624,7 @@ impl Dispatcher {
             .map(|c| (c.selector, new_id(&c.selector, c.label)))
             .chain(removes.into_iter().rev().map(|c| (c.selector, None)))
             .collect();
+        let new_hosts = new_host.iter().filter(|&&n| n).count();
         drop(batch);
         if self.hosts_count() + self.reserved_hosts + new_hosts
             > lookup_common::MAX_BINDINGS as usize
